@@ -1,0 +1,118 @@
+"""All configuration, from `EVENTPULSE_*` environment variables (or a `.env` file).
+
+Each default is written next to its reason. `Settings()` reads the environment once;
+pass keyword arguments (or `_env_file=None` and an explicit mapping) in tests.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EVENTPULSE_", env_file=".env", extra="ignore")
+
+    # where it runs ---------------------------------------------------------------
+    mode: Literal["development", "production"] = Field(
+        "development",
+        description="production refuses to start without an explicit token secret.",
+    )
+    data_dir: Path = Field(
+        Path(".eventpulse"),
+        description="Embedded Redis data (AOF), launcher state and logs live here.",
+    )
+
+    # Redis -----------------------------------------------------------------------
+    redis_url: str = Field(
+        "embedded",
+        description="'embedded' starts a private redis-server on `up`; otherwise a redis:// URL.",
+    )
+    redis_cluster: bool = Field(False, description="Treat redis_url as a Redis Cluster node.")
+    redis_port: int = Field(
+        0, description="Port for the embedded Redis; 0 picks a free one (Ray's GCS owns 6379)."
+    )
+    redis_pool_size: int = Field(
+        50,
+        description="Connections per process. Callers wait for a free one instead of failing: "
+        "a non-blocking pool of 50 answered 'Too many connections' at 1,000 users.",
+    )
+    redis_pool_timeout_s: float = Field(
+        5.0, description="How long a caller waits for a free connection before a 503."
+    )
+    redis_health_check_s: int = Field(
+        15, description="Idle connections are PINGed after this many seconds before reuse."
+    )
+    redis_retries: int = Field(
+        4, description="Retries on connection errors/timeouts, with exponential backoff."
+    )
+    redis_socket_timeout_s: float = Field(5.0, description="Per-command socket timeout.")
+
+    # HTTP ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, description="Port the API listens on.")
+    max_body_bytes: int = Field(
+        64 * 1024, description="Bodies above this are refused with 413; no route needs more."
+    )
+
+    # auth ------------------------------------------------------------------------
+    token_secret: SecretStr | None = Field(
+        None,
+        description="HS256 secret shared with the identity provider. Required in production; "
+        "in development a random one is generated and kept in the data directory.",
+    )
+    token_ttl_s: int = Field(12 * 3600, description="Lifetime of tokens the CLI mints.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC secret of the payment provider's webhook."
+    )
+
+    # the line --------------------------------------------------------------------
+    offer_minutes: float = Field(30, description="Default offer window, as in the earlier product.")
+    join_rate_limit: int = Field(3, description="Joins per user per window (earlier product: 3).")
+    join_rate_window_s: int = Field(1800, description="Window of the join rate limit (30 min).")
+    abandon_after_s: float = Field(
+        300, description="An entry not seen for this long is skipped when it reaches the head."
+    )
+    snapshot_every_n: int = Field(
+        50_000, description="Snapshot after this many journaled mutations..."
+    )
+    snapshot_every_s: float = Field(30.0, description="...or after this many seconds with any.")
+    group_commit_ms: float = Field(
+        1.0, description="Mutations arriving within this window share one journal write."
+    )
+
+    # purchases -------------------------------------------------------------------
+    purchase_partitions: int = Field(4, description="Purchase streams (P) and job consumers.")
+    purchase_batch_size: int = Field(500, description="Requests a consumer takes at once.")
+    purchase_batch_wait_ms: int = Field(20, description="How long a consumer blocks for work.")
+    purchase_max_attempts: int = Field(5, description="Deliveries before a dead-letter.")
+    purchase_reclaim_idle_ms: int = Field(
+        30_000, description="A pending request idle this long is reclaimed (XAUTOCLAIM)."
+    )
+
+    # caching ---------------------------------------------------------------------
+    event_cache_ttl_s: float = Field(
+        2.0, description="L1 TTL of event details; pub/sub invalidation makes it rarely matter."
+    )
+    availability_cache_ttl_s: float = Field(
+        0.5, description="L1 TTL of availability: it changes with every offer."
+    )
+    actor_batch_window_ms: float = Field(
+        2.0, description="Replicas coalesce actor calls for one event within this window."
+    )
+
+    @model_validator(mode="after")
+    def _production_needs_secret(self) -> "Settings":
+        if self.mode == "production" and self.token_secret is None:
+            raise ValueError("EVENTPULSE_TOKEN_SECRET must be set when EVENTPULSE_MODE=production")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
