@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         64 * 1024, description="Bodies above this are refused with 413; no route needs more."
     )
 
+    max_in_flight: int = Field(
+        2000, description="Requests one replica works on at once before answering 503; "
+        "past this, queueing only adds latency.")
+
     # auth ------------------------------------------------------------------------
     token_secret: SecretStr | None = Field(
         None,

@@ -1,0 +1,245 @@
+"""flash-sale: N users rush an event with C tickets.
+
+Create the event (organizer token), optionally cap live offers, then N users join as fast
+as `--concurrency` allows; each waits for its offer on the SSE stream (polling if the
+stream is unavailable), buys with `?wait=`, and reads its tickets. At the end: joins/s,
+offer-to-ticket latency, sold count from availability, and the oversell check
+(sold <= C and tickets held by all users == sold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from bench.http import BudgetExhausted, Response, Worker
+from bench.scenarios.common import (TERMINAL, admin_queue, availability, create_event,
+                                    error_text, gather_bounded, join, watch_entry)
+
+DONE = frozenset({"completed", "complete", "confirmed", "succeeded", "success", "done",
+                  "committed", "paid", "purchased"})
+FAILED = frozenset({"failed", "declined", "rejected", "expired", "cancelled", "canceled",
+                    "refunded", "error"})
+
+
+def count_tickets(tickets: Any, event_id: str) -> int:
+    """Seats in a tickets answer for `event_id` (a ticket has `quantity` or is one seat)."""
+    if isinstance(tickets, dict):  # tolerate {"tickets": [...]} / {"items": [...]}
+        tickets = tickets.get("tickets", tickets.get("items", []))
+    n = 0
+    for t in tickets or []:
+        if not isinstance(t, dict):
+            continue
+        if str(t.get("event_id", event_id)) != event_id:
+            continue
+        if str(t.get("status", "")).lower() in FAILED:
+            continue
+        q = t.get("quantity", 1)
+        n += q if isinstance(q, int) and q > 0 else 1
+    return n
+
+
+async def buy(w: Worker, event_id: str, headers: dict[str, str], quantity: int,
+              wait_s: float) -> tuple[bool, Response]:
+    """Purchase with one Idempotency-Key (reused on retries); poll if answered 202."""
+    key = str(uuid.uuid4())
+    hdrs = {**headers, "Idempotency-Key": key}
+    body = {"quantity": quantity, "payment_reference": f"test_ok_{key}"}
+    path = f"/api/events/{event_id}/purchases?wait={wait_s:g}"
+    r = Response("conn")
+    for attempt in range(4):
+        r = await w.call("POST", path, "purchase", headers=hdrs, json=body, budgeted=False)
+        if r.status in (503, 429, "conn", "timeout") and attempt < 3:
+            await asyncio.sleep(min(r.retry_after(0.5), 5.0))
+            continue
+        break
+    if r.status == 201:
+        return True, r
+    if r.status == 202 and isinstance(r.body, dict) and r.body.get("purchase_id"):
+        pid = r.body["purchase_id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            p = await w.call("GET", f"/api/purchases/{pid}", "purchase_status", headers=headers,
+                             budgeted=False)
+            if p.ok and isinstance(p.body, dict):
+                st = str(p.body.get("status", "")).lower()
+                if st in DONE or p.body.get("tickets"):
+                    return True, p
+                if st in FAILED:
+                    return False, p
+            await asyncio.sleep(0.25)
+    return False, r
+
+
+async def user(ctx: Any, i: int, event_id: str, join_sem: asyncio.Semaphore,
+               joins: dict[str, Any], sold_out: asyncio.Event) -> None:
+    cfg = ctx.cfg
+    w = ctx.worker_for(i)
+    uid = ctx.user_id(i)
+    h = ctx.user_headers(uid)
+    g = ctx.gauges
+    try:
+        async with join_sem:
+            t = time.monotonic()
+            joins.setdefault("first", t)
+            r = await join(w, event_id, h, cfg.quantity)
+            joins["last"] = time.monotonic()
+        if not r.ok:
+            w.sink.count("join_failed")
+            ctx.result.setdefault("first_join_error", error_text(r))
+            return
+        joined_at = time.monotonic()
+        g["joined"] += 1
+        w.sink.count("joined")
+        offered_at = None
+
+        def opened() -> None:
+            g["streams"] += 1
+
+        def closed() -> None:
+            g["streams"] -= 1
+
+        stream = watch_entry(w, event_id, h, poll_s=cfg.poll_s, on_open=opened, on_close=closed)
+        waiter = asyncio.ensure_future(_first_offer(stream))
+        stopper = asyncio.ensure_future(sold_out.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if waiter not in done:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            w.sink.count("not_offered_sold_out")
+            return
+        got = waiter.result()
+        if got is None:
+            w.sink.count("not_offered")
+            return
+        offered_at, entry, via = got
+        w.sink.count(f"offer_via_{via}")
+        g["offered"] += 1
+        w.sink.observe("join_to_offer", offered_at - joined_at)
+        qty = (entry.get("offer") or {}).get("quantity") or cfg.quantity
+        ok, pr = await buy(w, event_id, h, int(qty), cfg.purchase_wait_s)
+        if not ok:
+            w.sink.count("purchase_failed")
+            ctx.result.setdefault("first_purchase_error", error_text(pr))
+            return
+        w.sink.observe("offer_to_ticket", time.monotonic() - offered_at)
+        g["purchased"] += 1
+        w.sink.count("purchased")
+        tr = await w.call("GET", f"/api/users/{uid}/tickets?eventId={event_id}", "user_tickets",
+                          headers=h, budgeted=False)
+        seen = count_tickets(tr.body, event_id) if tr.ok else 0
+        w.sink.count("read_your_writes_ok" if seen >= 1 else "read_your_writes_miss")
+    except BudgetExhausted:
+        pass
+
+
+async def _first_offer(stream: Any) -> tuple[float, dict[str, Any], str] | None:
+    async with contextlib.aclosing(stream) as s:
+        async for at, entry, via in s:
+            if entry.get("offer") or entry.get("status") == "offered":
+                return at, entry, via
+            if entry.get("status") in TERMINAL:
+                return None
+    return None
+
+
+async def watch_sold_out(ctx: Any, event_id: str, sold_out: asyncio.Event,
+                         interval_s: float = 0.5) -> None:
+    """Set `sold_out` once nothing is left to offer (sold out and nothing held)."""
+    while not ctx.budget.stop.is_set():
+        a = await availability(ctx, event_id, route="availability_watch")
+        if a is not None:
+            ctx.gauges["sold"] = a.get("sold")
+            if a.get("sold_out") and not a.get("held"):
+                sold_out.set()
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.budget.stop.wait(), interval_s)
+
+
+async def final_check(ctx: Any, event_id: str, n: int) -> dict[str, Any]:
+    # let in-flight offers/purchases settle (held -> 0) for up to ~10 s
+    a = None
+    for _ in range(20):
+        a = await availability(ctx, event_id, route="availability_final")
+        if a is not None and not a.get("held"):
+            break
+        await asyncio.sleep(0.5)
+
+    async def tickets_of(i: int) -> int | None:
+        uid = ctx.user_id(i)
+        r = await ctx.control.call("GET", f"/api/users/{uid}/tickets?eventId={event_id}",
+                                   "user_tickets_check", headers=ctx.user_headers(uid),
+                                   budgeted=False)
+        return count_tickets(r.body, event_id) if r.ok else None
+
+    per_user = await gather_bounded([tickets_of(i) for i in range(n)], 16)
+    unread = sum(1 for x in per_user if x is None)
+    held_by_users = sum(x for x in per_user if x)
+    cap = ctx.cfg.tickets
+    sold = a.get("sold") if a else None
+    check = {
+        "capacity": cap,
+        "availability": a,
+        "sold": sold,
+        "tickets_held_by_users": held_by_users,
+        "users_with_tickets": sum(1 for x in per_user if x),
+        "users_unreadable": unread,
+        "max_per_user_seen": max((x or 0 for x in per_user), default=0),
+        "sold_le_capacity": sold is not None and sold <= cap,
+        "tickets_match_sold": sold is not None and unread == 0 and held_by_users == sold,
+    }
+    check["ok"] = bool(check["sold_le_capacity"] and check["tickets_match_sold"]
+                       and held_by_users <= cap)
+    return check
+
+
+async def run(ctx: Any) -> dict[str, Any]:
+    cfg = ctx.cfg
+    n = cfg.users
+    event_id = cfg.event_id or await create_event(
+        ctx, total=cfg.tickets, max_per_user=max(1, cfg.quantity),
+        name=f"bench flash-sale {cfg.run_id}")
+    ctx.result["event_id"] = event_id
+    patch: dict[str, Any] = {}
+    if cfg.max_live_offers is not None:
+        patch["max_live_offers"] = cfg.max_live_offers
+    if cfg.offers_per_minute is not None:
+        patch["offers_per_minute"] = cfg.offers_per_minute
+    if patch:
+        await admin_queue(ctx, event_id, **patch)
+    ctx.gauges.update(users=n, joined=0, streams=0, offered=0, purchased=0, sold=0)
+    join_sem = asyncio.Semaphore(max(1, cfg.concurrency))
+    joins: dict[str, Any] = {}
+    sold_out = asyncio.Event()
+    watcher = asyncio.create_task(watch_sold_out(ctx, event_id, sold_out))
+    t0 = time.monotonic()
+    try:
+        await asyncio.gather(*(ctx.until_stop(user(ctx, i, event_id, join_sem, joins, sold_out))
+                               for i in range(n)))
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    sale_s = time.monotonic() - t0
+    stats = ctx.merged()
+    joined = stats.counters.get("joined", 0)
+    join_span = (joins.get("last", t0) - joins.get("first", t0)) or 1e-9
+    o2t = stats.metrics.get("offer_to_ticket")
+    ctx.result.update(
+        users=n,
+        joined=joined,
+        joins_per_s=round(joined / join_span, 2) if joined else 0.0,
+        sale_seconds=round(sale_s, 3),
+        purchased=stats.counters.get("purchased", 0),
+        offer_to_ticket_ms=o2t.summary_ms() if o2t else None,
+        oversell=await final_check(ctx, event_id, n),
+    )
+    return ctx.result

@@ -1,0 +1,235 @@
+"""The local launcher behind `eventpulse up | down | status`.
+
+`up` starts a private Redis (AOF on) unless a Redis URL is configured, a local Ray head
+(dashboard and metrics on; token authentication on), deploys `configs/serve.yaml` with
+the HAProxy ingress, submits the purchase job, and returns once the API is ready.
+What it started is written to `<data_dir>/launcher.json`, which `down` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import yaml
+
+from eventpulse.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
+DASHBOARD_PORT = 8265
+METRICS_PORT = 8080
+
+# The Serve controller reads these from the environment of `ray start`.
+RAY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_HAPROXY_MAXCONN": "20000",  # 8,000 SSE streams hold two connections each
+    "RAY_AUTH_MODE": "token",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+class LaunchError(Exception):
+    """A clear, user-facing reason why `up` cannot go on."""
+
+
+@dataclass
+class State:
+    data_dir: str
+    redis_url: str = ""
+    redis_pid: int | None = None
+    ray_started: bool = False
+    ray_address: str = ""
+    gcs_port: int | None = None
+    api_url: str = ""
+    job_id: str | None = None
+    prometheus_pid: int | None = None
+    urls: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def path(cls, data_dir: Path) -> Path:
+        return data_dir / "launcher.json"
+
+    def save(self) -> None:
+        self.path(Path(self.data_dir)).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, data_dir: Path) -> "State | None":
+        p = cls.path(data_dir)
+        return cls(**json.loads(p.read_text())) if p.exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise LaunchError(f"{what} did not become ready within {timeout:.0f} s")
+
+
+# Redis ------------------------------------------------------------------------------
+def start_redis(data_dir: Path, port: int = 0) -> tuple[str, int]:
+    """A private redis-server with AOF (fsync every second) under the data directory."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError("redis-server is not installed: run `apt-get install -y redis-server` "
+                          "(Debian/Ubuntu) or set EVENTPULSE_REDIS_URL to an existing Redis")
+    port = port or free_port()
+    if port_in_use(port):
+        raise LaunchError(f"port {port} for the embedded Redis is already in use")
+    rdir = data_dir / "redis"
+    rdir.mkdir(parents=True, exist_ok=True)
+    pidfile = rdir / "redis.pid"
+    subprocess.run([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
+                    "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "yes",
+                    "--pidfile", str(pidfile), "--logfile", str(rdir / "redis.log"),
+                    "--save", "", "--protected-mode", "yes"], check=True, capture_output=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait(lambda: _redis_ping(port), 15, "redis-server")
+    return url, int(pidfile.read_text().strip())
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int | None, timeout: float = 15) -> None:
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# Ray --------------------------------------------------------------------------------
+def ray_env(settings_env: dict[str, str], data_dir: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, **RAY_ENV, **settings_env}
+    if data_dir is not None:
+        env.update(haproxy_env(data_dir))
+    venv_bin = str(Path(sys.executable).parent)  # jobs run with the raylet's PATH
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def start_ray(env: dict[str, str], data_dir: Path) -> int:
+    ray_bin = Path(sys.executable).parent / "ray"
+    if port_in_use(DASHBOARD_PORT):
+        raise LaunchError(f"port {DASHBOARD_PORT} (Ray dashboard) is already in use: is another "
+                          "Ray running? Stop it with `ray stop` or `eventpulse down`")
+    gcs_port = free_port()
+    cmd = [str(ray_bin), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={DASHBOARD_PORT}", f"--metrics-export-port={METRICS_PORT}",
+           "--disable-usage-stats"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise LaunchError(f"Ray could not start:\n{tail}")
+    return gcs_port
+
+
+def stop_ray(gcs_port: int, timeout: float = 20) -> int:
+    """Stop the processes of *our* Ray instance only (not `ray stop`, which stops every
+    Ray on the machine): those naming our GCS address, and their children."""
+    import psutil
+
+    marker = f"127.0.0.1:{gcs_port}"
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or ())
+        if marker in cmdline and proc.pid != os.getpid():
+            roots.append(proc)
+    victims = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            victims.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    procs = list(victims.values())
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
+
+
+def haproxy_env(data_dir: Path) -> dict[str, str]:
+    """Per-instance HAProxy paths and metrics port, so two local instances never collide."""
+    base = data_dir / "haproxy"
+    base.mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def serve_config_for(host: str, port: int, data_dir: Path) -> Path:
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"]["host"] = host
+    config["http_options"]["port"] = port
+    path = data_dir / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def wait_http(url: str, timeout: float) -> None:
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait(ok, timeout, url, interval=0.5)
+
+
+def tmp_state_dir() -> Path:
+    return Path(tempfile.gettempdir())

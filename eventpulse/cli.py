@@ -1,0 +1,229 @@
+"""The `eventpulse` command: up, down, status, token, dashboards, load-test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from eventpulse.auth import mint_token, token_secret
+from eventpulse.settings import Settings
+
+app = typer.Typer(help="Event-Pulse: a fair, exact and fast ticket-sale waiting room on Ray.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        s = Settings()
+    except Exception as e:  # pydantic's message names the bad variable
+        console.print(f"[red]configuration error:[/] {e}")
+        raise typer.Exit(2) from None
+    s.data_dir = s.data_dir.resolve()
+    return s
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    started = time.monotonic()
+    with console.status(f"{name}…"):
+        yield
+    console.print(f"[green]✓[/] {name} [dim]({time.monotonic() - started:.1f} s)[/]")
+
+
+@app.command()
+def token(user: str, role: Annotated[Optional[str], typer.Option(
+        help="organizer or admin")] = None) -> None:
+    """Print a bearer token for USER (alone on standard output)."""
+    if role not in (None, "organizer", "admin"):
+        console.print("[red]--role must be organizer or admin[/]")
+        raise typer.Exit(2)
+    s = _settings()
+    print(mint_token(user, [role] if role else [], secret=token_secret(s), ttl_s=s.token_ttl_s))
+
+
+@app.command()
+def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print tokens")] = False,
+       monitoring: Annotated[bool, typer.Option(help="also start a local Prometheus")] = False,
+       timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 240
+       ) -> None:
+    """Start Redis (unless configured), Ray, the Serve app and the purchase job."""
+    from cluster import launcher as L
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    prior = L.State.load(s.data_dir)
+    if prior is not None and prior.api_url and L.port_in_use(s.port):
+        console.print(f"[yellow]already running[/] at {prior.api_url} (`eventpulse down` stops it)")
+        raise typer.Exit(0)
+    if L.port_in_use(s.port):
+        console.print(f"[red]port {s.port} is already in use[/]: set EVENTPULSE_PORT or free it")
+        raise typer.Exit(1)
+    state = L.State(data_dir=str(s.data_dir))
+    try:
+        with step("secret ready"):
+            token_secret(s)
+        if s.redis_url == "embedded":
+            with step("Redis started (AOF on)"):
+                state.redis_url, state.redis_pid = L.start_redis(s.data_dir, s.redis_port)
+            state.save()
+        else:
+            state.redis_url = s.redis_url
+        env_settings = {"EVENTPULSE_REDIS_URL": state.redis_url,
+                        "EVENTPULSE_DATA_DIR": str(s.data_dir),
+                        "EVENTPULSE_PORT": str(s.port), "EVENTPULSE_HOST": s.host}
+        env_settings.update({k: v for k, v in os.environ.items()
+                             if k.startswith("EVENTPULSE_") and k not in env_settings})
+        env = L.ray_env(env_settings, s.data_dir)
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "EVENTPULSE_"))})
+        if os.environ.get("RAY_ADDRESS"):
+            state.ray_address = os.environ["RAY_ADDRESS"]
+        else:
+            with step("Ray head started"):
+                state.gcs_port = L.start_ray(env, s.data_dir)
+            state.ray_started = True
+            state.ray_address = f"127.0.0.1:{state.gcs_port}"
+        state.save()
+        dashboard = f"http://127.0.0.1:{L.DASHBOARD_PORT}"
+        with step("Serve application deployed"):
+            from cluster.deploy import deploy_serve, wait_serve_running
+
+            names = deploy_serve(dashboard, L.serve_config_for(s.host, s.port, s.data_dir))
+            wait_serve_running(dashboard, names, timeout)
+        state.api_url = f"http://{s.host}:{s.port}"
+        state.save()
+        with step("API ready"):
+            L.wait_http(state.api_url + "/readyz", timeout)
+        with step("purchase job submitted"):
+            from ray.job_submission import JobSubmissionClient
+
+            from cluster.deploy import ensure_purchase_job
+
+            state.job_id = ensure_purchase_job(JobSubmissionClient(dashboard),
+                                               f"{sys.executable} -m cluster.purchase_job",
+                                               env_settings)
+        state.save()
+        if monitoring:
+            with step("Prometheus started"):
+                from cluster.monitoring import start_prometheus
+
+                prom = start_prometheus(s.data_dir / "prometheus", 9090)
+                state.prometheus_pid = getattr(prom, "pid", None)
+                state.urls["prometheus"] = "http://127.0.0.1:9090"
+            state.save()
+    except L.LaunchError as e:
+        console.print(f"[red]cannot start:[/] {e}")
+        state.save()
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 — one clear line; details are in the logs
+        console.print(f"[red]cannot start:[/] {type(e).__name__}: {e}")
+        state.save()
+        raise typer.Exit(1) from None
+    state.urls.update({"API": state.api_url, "OpenAPI docs": state.api_url + "/docs",
+                       "Ray dashboard": dashboard,
+                       "metrics": f"http://127.0.0.1:{L.METRICS_PORT}/metrics",
+                       "Redis": state.redis_url})
+    state.save()
+    if demo:
+        _seed_demo(s, state)
+    table = Table(title="Event-Pulse is up", show_header=False)
+    for k, v in state.urls.items():
+        table.add_row(k, v)
+    console.print(table)
+    console.print("stop everything with [bold]eventpulse down[/]")
+
+
+def _seed_demo(s: Settings, state) -> None:
+    import httpx
+
+    secret = token_secret(s)
+    org = mint_token("demo-organizer", ["organizer"], secret=secret, ttl_s=s.token_ttl_s)
+    user = mint_token("demo-user", [], secret=secret, ttl_s=s.token_ttl_s)
+    with step("demo event seeded"):
+        r = httpx.post(state.api_url + "/api/events", headers={"Authorization": f"Bearer {org}"},
+                       json={"name": "Demo Night", "description": "A demo event",
+                             "location": "Main Hall", "event_date": "2027-06-01T20:00:00Z",
+                             "price": 49.0, "total_tickets": 100, "max_per_user": 4},
+                       timeout=30)
+        r.raise_for_status()
+        event_id = r.json()["id"]
+        httpx.post(f"{state.api_url}/api/events/{event_id}/queue", json={"quantity": 2},
+                   headers={"Authorization": f"Bearer {user}"}, timeout=30).raise_for_status()
+    state.urls["demo event"] = f"{state.api_url}/api/events/{event_id}"
+    state.urls["waiting room"] = f"{state.api_url}/events/{event_id}/waiting-room?token={user}"
+    state.save()
+    console.print(f"demo user token:      [bold]{user}[/]")
+    console.print(f"demo organizer token: [bold]{org}[/]")
+
+
+@app.command()
+def down() -> None:
+    """Stop what `up` started (safe to run twice)."""
+    from cluster import launcher as L
+
+    s = _settings()
+    state = L.State.load(s.data_dir)
+    if state is None:
+        console.print("nothing to stop")
+        return
+    if state.prometheus_pid:
+        with step("Prometheus stopped"):
+            L.stop_pid(state.prometheus_pid)
+    if state.ray_started:
+        with step("Ray stopped (Serve app and purchase job with it)"):
+            L.stop_ray(state.gcs_port)
+    if state.redis_pid:
+        with step("Redis stopped"):
+            L.stop_pid(state.redis_pid)
+    L.State.path(s.data_dir).unlink(missing_ok=True)
+
+
+@app.command()
+def status() -> None:
+    """Show what is running."""
+    from cluster import launcher as L
+
+    s = _settings()
+    state = L.State.load(s.data_dir)
+    if state is None:
+        console.print("not running (no launcher state)")
+        raise typer.Exit(1)
+    table = Table(title="Event-Pulse", show_header=False)
+    api_ok = L.port_in_use(s.port)
+    table.add_row("API", f"{state.api_url} {'[green]up' if api_ok else '[red]down'}[/]")
+    if state.redis_pid:
+        alive = Path(f"/proc/{state.redis_pid}").exists()
+        table.add_row("Redis", f"{state.redis_url} {'[green]up' if alive else '[red]down'}[/]")
+    table.add_row("Ray", state.ray_address)
+    table.add_row("purchase job", state.job_id or "-")
+    for k, v in state.urls.items():
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _mount_optional() -> None:
+    try:
+        from cluster.dashboards import dashboards_app
+
+        app.add_typer(dashboards_app, name="dashboards", help="Grafana dashboards")
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The ticket ledger in Redis: events, sold counters, tickets, purchase records.
+
+Every function takes its Redis client (or pipeline) as an argument. The commit is one
+Lua script per event batch holding the hard guard `sold + quantity <= capacity`; the
+user-side index is a second, idempotent step rebuildable from the event side.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgpack
+import orjson
+
+from eventpulse import keys
+from eventpulse.errors import DecodeError, EventNotFound
+from eventpulse.redis import RedisClient
+
+TICKET_FORMAT = 1
+TOTAL = "_total"
+
+# KEYS: event, sold, capacity, tickets, purchase records...   ARGV: n, then per item
+# 5 values: quantity, ticket_type, packed purchase-record fields, n_tickets, ticket blobs…
+# Returns per item: {status, reason-or-ticket-ids}. A record already 'committed' is
+# returned as it is (exactly-once); nothing is written for a refused item.
+_COMMIT_LUA = """
+local event, sold, capacity, tickets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('HGET', event, 'state') == 'cancelled' then
+  local out = {}
+  for i = 5, #KEYS do out[#out + 1] = {'rejected', 'event_cancelled'} end
+  return out
+end
+local out, a = {}, 2
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local rec = KEYS[4 + i]
+  local qty, ttype, nt = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local base = a + 3
+  a = base + 2 * nt
+  local status = redis.call('HGET', rec, 'status')
+  if status == 'committed' then
+    out[#out + 1] = {'duplicate', redis.call('HGET', rec, 'tickets')}
+  else
+    local cap_t = tonumber(redis.call('HGET', capacity, ttype) or '-1')
+    local cap = tonumber(redis.call('HGET', capacity, '_total') or '0')
+    local sold_t = tonumber(redis.call('HGET', sold, ttype) or '0')
+    local sold_all = tonumber(redis.call('HGET', sold, '_total') or '0')
+    if cap_t < 0 then
+      out[#out + 1] = {'rejected', 'unknown_ticket_type'}
+    elseif sold_t + qty > cap_t or sold_all + qty > cap then
+      redis.call('HSET', rec, 'status', 'rejected', 'reason', 'sold_out')
+      out[#out + 1] = {'rejected', 'sold_out'}
+    else
+      redis.call('HINCRBY', sold, ttype, qty)
+      redis.call('HINCRBY', sold, '_total', qty)
+      local ids = {}
+      for t = 0, nt - 1 do
+        redis.call('HSET', tickets, ARGV[base + 2 * t], ARGV[base + 2 * t + 1])
+        ids[#ids + 1] = ARGV[base + 2 * t]
+      end
+      local joined = table.concat(ids, ',')
+      redis.call('HSET', rec, 'status', 'committed', 'tickets', joined)
+      out[#out + 1] = {'committed', joined}
+    end
+  end
+end
+return out
+"""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def pack_ticket(ticket: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": TICKET_FORMAT, **ticket}, use_bin_type=True)
+
+
+def unpack_ticket(blob: bytes, event_id: str = "?") -> dict[str, Any]:
+    try:
+        data = msgpack.unpackb(blob, raw=False)
+    except Exception as e:
+        raise DecodeError(f"ticket record of event {event_id} is not msgpack") from e
+    if not isinstance(data, dict) or data.pop("v", None) != TICKET_FORMAT:
+        raise DecodeError(f"ticket record of event {event_id} has an unknown format")
+    return data
+
+
+# events -----------------------------------------------------------------------------
+async def create_event(r: RedisClient, doc: dict[str, Any]) -> dict[str, Any]:
+    """Store a new event (doc must carry ticket_types with quantities); returns it with id."""
+    event_id = doc.get("id") or new_id()
+    doc = {**doc, "id": event_id, "state": "on_sale", "created_at": time.time()}
+    caps = {t["name"]: int(t["quantity"]) for t in doc["ticket_types"]}
+    caps[TOTAL] = int(doc["total_tickets"])
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(keys.event(event_id), mapping={"doc": orjson.dumps(doc), "state": "on_sale"})
+    pipe.hset(keys.capacity(event_id), mapping=caps)
+    await pipe.execute()
+    await r.zadd(keys.EVENTS_INDEX, {event_id: doc["created_at"]})
+    return doc
+
+
+async def get_event(r: RedisClient, event_id: str) -> dict[str, Any]:
+    """The event document with its current state; EventNotFound if absent."""
+    doc, state = await r.hmget(keys.event(event_id), "doc", "state")
+    if doc is None:
+        raise EventNotFound(f"event {event_id} does not exist")
+    data = orjson.loads(doc)
+    data["state"] = state.decode() if state else data.get("state", "on_sale")
+    return data
+
+
+async def get_events(r: RedisClient, event_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Several events in one round trip per slot, missing ones left out."""
+    pipe = r.pipeline(transaction=False)
+    for eid in event_ids:
+        pipe.hmget(keys.event(eid), "doc", "state")
+    found: dict[str, dict[str, Any]] = {}
+    for eid, (doc, state) in zip(event_ids, await pipe.execute()):
+        if doc is not None:
+            data = orjson.loads(doc)
+            data["state"] = state.decode() if state else "on_sale"
+            found[eid] = data
+    return found
+
+
+async def list_events(r: RedisClient, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    total = await r.zcard(keys.EVENTS_INDEX)
+    ids = [i.decode() for i in await r.zrevrange(keys.EVENTS_INDEX, offset, offset + limit - 1)]
+    found = await get_events(r, ids)
+    return [found[i] for i in ids if i in found], total
+
+
+async def sold_counts(r: RedisClient, event_id: str) -> dict[str, int]:
+    raw = await r.hgetall(keys.sold(event_id))
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+# purchases --------------------------------------------------------------------------
+class Ledger:
+    """Thin async wrapper over the Lua commit, bound to one client."""
+
+    def __init__(self, r: RedisClient) -> None:
+        self.r = r
+        self._commit = r.register_script(_COMMIT_LUA)
+
+    async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None
+                     ) -> list[tuple[str, list[str] | str]]:
+        """Commit purchases of one event in one Lua call.
+
+        Each item: purchase_id, user_id, quantity, ticket_type, unit_price, payment_reference.
+        Returns per item ('committed'|'duplicate', ticket ids) or ('rejected', reason).
+        The user-side index is written afterwards by `index_tickets`.
+        """
+        now = time.time() if now is None else now
+        keys_ = [keys.event(event_id), keys.sold(event_id), keys.capacity(event_id),
+                 keys.event_tickets(event_id)]
+        args: list[Any] = [len(items)]
+        for it in items:
+            keys_.append(keys.purchase(event_id, it["purchase_id"]))
+            qty = int(it["quantity"])
+            args += [qty, it["ticket_type"], qty]
+            for seat in range(qty):
+                tid = f"{it['purchase_id']}-{seat + 1}"
+                args += [tid, pack_ticket({
+                    "id": tid, "event_id": event_id, "ticket_type": it["ticket_type"],
+                    "user_id": it["user_id"], "status": "valid", "amount": it["unit_price"],
+                    "payment_reference": it["payment_reference"], "purchase_id": it["purchase_id"],
+                    "purchased_at": now})]
+        raw = await self._commit(keys=keys_, args=args)
+        out: list[tuple[str, list[str] | str]] = []
+        for status, detail in raw:
+            status, detail = status.decode(), detail.decode()
+            out.append((status, detail.split(",") if status in ("committed", "duplicate") else detail))
+        return out
+
+    async def index_tickets(self, event_id: str, ticket_ids: list[str]) -> set[str]:
+        """Copy committed tickets to their owners' index and bump their cache stamps.
+
+        Idempotent (HSET of the same record), so a crash between the commit and this step
+        is mended by running it again. Returns the users touched.
+        """
+        if not ticket_ids:
+            return set()
+        blobs = await self.r.hmget(keys.event_tickets(event_id), ticket_ids)
+        by_user: dict[str, dict[str, bytes]] = {}
+        for tid, blob in zip(ticket_ids, blobs):
+            if blob is not None:
+                by_user.setdefault(unpack_ticket(blob, event_id)["user_id"], {})[tid] = blob
+        pipe = self.r.pipeline(transaction=False)
+        for user, mapping in by_user.items():
+            pipe.hset(keys.user_tickets(user), mapping=mapping)
+            pipe.incr(keys.user_tickets_version(user))
+        await pipe.execute()
+        return set(by_user)
+
+    async def refund_event(self, event_id: str) -> int:
+        """Mark the event cancelled and every ticket refunded, on both sides. Idempotent."""
+        await self.r.hset(keys.event(event_id), "state", "cancelled")
+        raw = await self.r.hgetall(keys.event_tickets(event_id))
+        changed: dict[str, bytes] = {}
+        for tid, blob in raw.items():
+            t = unpack_ticket(blob, event_id)
+            if t["status"] != "refunded":
+                t["status"] = "refunded"
+                changed[tid.decode()] = pack_ticket(t)
+        if changed:
+            await self.r.hset(keys.event_tickets(event_id), mapping=changed)
+        await self.index_tickets(event_id, [t.decode() for t in raw])
+        return len(changed)
+
+
+async def user_tickets(r: RedisClient, user_id: str) -> list[dict[str, Any]]:
+    raw = await r.hgetall(keys.user_tickets(user_id))
+    tickets = [unpack_ticket(b) for b in raw.values()]
+    tickets.sort(key=lambda t: (t["purchased_at"], t["id"]))
+    return tickets
+
+
+async def rebuild_user_index(r: RedisClient, event_id: str) -> set[str]:
+    """Rewrite the user-side index of one event from its event-side records."""
+    raw = await r.hkeys(keys.event_tickets(event_id))
+    return await Ledger(r).index_tickets(event_id, [t.decode() for t in raw])

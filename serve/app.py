@@ -1,0 +1,62 @@
+"""The Ray Serve application: a FastAPI ingress with every route of the HTTP API.
+
+`serve run serve.app:app` or `serve deploy configs/serve.yaml`. Replicas are stateless
+apart from their caches (`serve/runtime.py`).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+from starlette.middleware.gzip import GZipMiddleware
+
+from eventpulse.redis import ping, pool_stats
+from eventpulse.settings import get_settings
+from serve import errors
+from serve.responses import json
+from serve.routes import admin, events, pages, purchases, queue, tickets
+from serve.middleware import Guard
+from serve.runtime import get_runtime
+
+api = FastAPI(title="Event-Pulse", version="0.1.0",
+              description="A fair, exact and fast ticket-sale waiting room on Ray.")
+errors.install(api)
+for module in (events, queue, purchases, tickets, admin, pages):
+    api.include_router(module.router)
+
+
+@api.get("/healthz", tags=["health"])
+async def healthz() -> dict:
+    """Liveness: the replica answers."""
+    return json({"status": "ok"})
+
+
+@api.get("/readyz", tags=["health"], responses={503: {"description": "not ready"}})
+async def readyz() -> dict:
+    """Readiness: Redis answers through this replica's pool."""
+    rt = get_runtime()
+    redis_ok = await ping(rt.redis)
+    body = {"status": "ready" if redis_ok else "not_ready", "redis": redis_ok,
+            "redis_pool": pool_stats(rt.redis), "serve": True}
+    return json(body, status=200 if redis_ok else 503,
+                headers=None if redis_ok else {"Retry-After": "1"})
+
+
+# Guard outermost (cheap refusals first), then gzip for larger bodies.
+api.add_middleware(GZipMiddleware, minimum_size=1024)
+api.add_middleware(Guard, max_body=get_settings().max_body_bytes,
+                   max_in_flight=get_settings().max_in_flight)
+
+
+# max_ongoing_requests is high because handlers mostly await Redis or an actor and SSE
+# streams stay open for minutes; the Guard sheds load before latency piles up.
+# Zero CPUs: on a 2-core machine replicas, actors and the job must all fit.
+@serve.deployment(name="Ingress", max_ongoing_requests=10_000,
+                  ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self) -> None:
+        get_runtime()
+
+
+app = Ingress.bind()

@@ -1,0 +1,66 @@
+"""Authentication for routes: the bearer token becomes a `Principal`.
+
+Verified tokens are remembered briefly (bounded LRU keyed by the token) so the hot
+routes don't pay an HMAC per request; expiry is still honoured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from fastapi import Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from eventpulse.auth import Principal, token_secret, verify_token
+from eventpulse.errors import Forbidden, Unauthorized
+from eventpulse.settings import get_settings
+
+_bearer = HTTPBearer(auto_error=False, description="HS256 token: `eventpulse token USER`")
+_CACHE_SIZE = 50_000
+_verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+_secret: str | None = None
+
+
+def _get_secret() -> str:
+    global _secret
+    if _secret is None:
+        _secret = token_secret(get_settings())
+    return _secret
+
+
+def authenticate(token: str) -> Principal:
+    now = time.time()
+    hit = _verified.get(token)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    principal = verify_token(token, secret=_get_secret())
+    import jwt  # claims are trusted now; read exp for the cache lifetime
+    exp = float(jwt.decode(token, options={"verify_signature": False}).get("exp", now))
+    _verified[token] = (principal, min(exp, now + 300))
+    if len(_verified) > _CACHE_SIZE:
+        _verified.popitem(last=False)
+    return principal
+
+
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: the caller, or 401 in the error envelope."""
+    creds: HTTPAuthorizationCredentials | None = await _bearer(request)
+    token = creds.credentials if creds else request.query_params.get("access_token")
+    if not token:
+        raise Unauthorized("missing bearer token")
+    return authenticate(token)
+
+
+def require_self(p: Principal, user_id: str) -> None:
+    if p.user_id != user_id and not p.is_admin:
+        raise Forbidden("you may only act on your own entries and tickets")
+
+
+def require_organizer(p: Principal, event: dict | None = None) -> None:
+    if p.is_admin:
+        return
+    if not p.is_organizer:
+        raise Forbidden("this route needs the organizer or admin role")
+    if event is not None and event.get("organizer_id") != p.user_id:
+        raise Forbidden("only the event's organizer or an admin may do this")

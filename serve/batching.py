@@ -1,0 +1,80 @@
+"""Coalescing actor calls: many HTTP requests, one batched actor call per event.
+
+One actor call costs ~0.4–1 ms here while 1,000 operations in one call run at
+~700,000/s, so requests for the same event and method within a short window
+(`actor_batch_window_ms`) share one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray.exceptions import RayError
+
+from actors.directory import get_queue
+from eventpulse.errors import Busy, EventPulseError
+
+MAX_BATCH = 2000  # a bigger batch starts at once: waiting longer buys nothing
+
+
+class Coalescer:
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._pending: dict[tuple[str, str], list[tuple[Any, asyncio.Future]]] = {}
+        self.calls = 0
+        self.items = 0
+
+    async def call(self, event_id: str, method: str, item: Any) -> Any:
+        """Queue `item` for `method` on the event's actor; the item's own result or error."""
+        key = (event_id, method)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        batch = self._pending.get(key)
+        if batch is None:
+            batch = self._pending[key] = []
+            loop.call_later(self.window_s, self._fire, key)
+        batch.append((item, fut))
+        if len(batch) >= MAX_BATCH:
+            self._fire(key)
+        result = await fut
+        if isinstance(result, EventPulseError):
+            raise result
+        return result
+
+    def _fire(self, key: tuple[str, str]) -> None:
+        batch = self._pending.pop(key, None)
+        if batch:
+            asyncio.get_running_loop().create_task(self._run(key, batch))
+
+    async def _run(self, key: tuple[str, str], batch: list[tuple[Any, asyncio.Future]]) -> None:
+        event_id, method = key
+        self.calls += 1
+        self.items += len(batch)
+        try:
+            results = await getattr(get_queue(event_id), method).remote([i for i, _ in batch])
+        except Exception as e:  # noqa: BLE001 — every item gets the mapped error
+            results = [_mapped(e)] * len(batch)
+        for (_, fut), res in zip(batch, results):
+            if not fut.done():
+                fut.set_result(res)
+
+
+async def direct(event_id: str, method: str, *args: Any) -> Any:
+    """A single (non-coalesced) actor call with the same error mapping."""
+    try:
+        return await getattr(get_queue(event_id), method).remote(*args)
+    except Exception as e:  # noqa: BLE001
+        raise _mapped(e) from None
+
+
+def _mapped(e: Exception) -> Exception:
+    """The domain error an actor raised, or Busy for Ray trouble (restarts, lost nodes)."""
+    if isinstance(e, RayError):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, EventPulseError):
+            return cause
+        return Busy("the event's line is restarting; retry shortly", retry_after=1)
+    if isinstance(e, EventPulseError):
+        return e
+    return e

@@ -1,0 +1,85 @@
+"""Pure ASGI middleware (no per-request task switching): body limit, overload, metrics."""
+
+from __future__ import annotations
+
+import time
+
+from eventpulse import metrics
+from serve.errors import error_response
+from serve.runtime import get_runtime
+
+_UNCOUNTED = ("/healthz", "/readyz")
+
+
+class Guard:
+    """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
+    requests in flight, so latency does not pile up; records per-route metrics."""
+
+    def __init__(self, app, max_body: int, max_in_flight: int) -> None:
+        self.app, self.max_body, self.max_in_flight = app, max_body, max_in_flight
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rt = get_runtime()
+        path = scope["path"]
+        streaming = path.endswith("/stream")
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await error_response(400, "bad_request", "bad Content-Length")(scope, receive, send)
+            if too_big:
+                return await error_response(413, "payload_too_large",
+                                            f"body above {self.max_body} bytes")(scope, receive, send)
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
+            body, more = b"", True
+            while more:  # chunked upload: read it under the limit before routing
+                msg = await receive()
+                body += msg.get("body", b"")
+                more = msg.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await error_response(413, "payload_too_large",
+                                                f"body above {self.max_body} bytes")(scope, receive, send)
+            sent = False
+
+            async def receive():  # noqa: F811 — replay the buffered body once
+                nonlocal sent
+                if sent:
+                    return {"type": "http.disconnect"}
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+        if not streaming and path not in _UNCOUNTED and rt.in_flight >= self.max_in_flight:
+            metrics.get("overload").inc(tags={"route": path.split("/")[2] if path.count("/") > 1 else path})
+            return await error_response(503, "overloaded", "too many requests in flight",
+                                        1)(scope, receive, send)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapped(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        counted = not streaming
+        if counted:
+            rt.in_flight += 1
+        else:
+            rt.sse_open += 1
+        rt.requests += 1
+        try:
+            await self.app(scope, receive, send_wrapped)
+        finally:
+            if counted:
+                rt.in_flight -= 1
+            else:
+                rt.sse_open -= 1
+            route = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            tags = {"route": name, "method": scope["method"]}
+            metrics.get("http_requests").inc(tags={**tags, "status": str(status)})
+            if not streaming:
+                metrics.get("http_latency").observe(time.perf_counter() - started, tags=tags)

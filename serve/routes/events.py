@@ -1,0 +1,66 @@
+"""Events: create (organizer), list, details, availability.
+
+Redis round trips: create 2; list 2; details 0 on an L1 hit, else 1; availability 0 on
+an L1 hit, else 1 (details) + one actor call.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+
+from eventpulse import ledger
+from eventpulse.auth import Principal
+from serve.auth import principal, require_organizer
+from serve.errors import ErrorEnvelope_responses as ERRORS
+from serve.responses import cached_json, etag_of, json
+from serve.runtime import get_runtime
+from serve.schemas import Availability, EventIn, EventOut, EventPage
+
+router = APIRouter(prefix="/api/events", tags=["events"], responses=ERRORS)
+User = Annotated[Principal, Depends(principal)]
+
+
+def event_doc(body: EventIn, organizer_id: str) -> dict:
+    types = body.ticket_types or []
+    ticket_types = [t.model_dump() for t in types] or [
+        {"name": "general", "price": body.price, "quantity": body.total_tickets}]
+    doc = body.model_dump(mode="json", exclude={"ticket_types"})
+    doc["ticket_types"] = ticket_types
+    doc["organizer_id"] = organizer_id
+    doc["sale_opens_at_ts"] = body.sale_opens_at.timestamp() if body.sale_opens_at else None
+    return doc
+
+
+def public(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("sale_opens_at_ts", "queue")}
+
+
+@router.post("", status_code=201, response_model=EventOut)
+async def create_event(body: EventIn, p: User):
+    require_organizer(p)
+    doc = await ledger.create_event(get_runtime().redis, event_doc(body, p.user_id))
+    return json(public(doc), status=201, headers={"Location": f"/api/events/{doc['id']}"})
+
+
+@router.get("", response_model=EventPage)
+async def list_events(p: User, offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    items, total = await ledger.list_events(get_runtime().redis, offset, limit)
+    return json({"items": [public(d) for d in items], "total": total, "offset": offset,
+                 "limit": limit})
+
+
+@router.get("/{event_id}", response_model=EventOut)
+async def get_event(event_id: str, request: Request, p: User):
+    doc = await get_runtime().event(event_id)
+    body = orjson.dumps(public(doc))
+    return cached_json(request, body, etag_of(body), "public, max-age=2")
+
+
+@router.get("/{event_id}/availability", response_model=Availability)
+async def availability(event_id: str, p: User):
+    avail = await get_runtime().availability_of(event_id)
+    return json(avail, headers={"Cache-Control": "public, max-age=1"})

@@ -1,0 +1,159 @@
+"""Purchases: accepted here, committed by the purchase job (`cluster/purchase_job.py`).
+
+Accepting costs one coalesced actor read (the live offer) and two Redis round trips
+(idempotency claim; record + stream append in one pipeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import zlib
+from typing import Annotated, Any
+
+import msgpack
+from fastapi import APIRouter, Depends, Header, Query, Request
+
+from eventpulse import keys, ledger
+from eventpulse.auth import Principal
+from eventpulse.errors import (Busy, Forbidden, IdempotencyMismatch, InvalidInput, NoOffer,
+                               NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
+from eventpulse.payments import verify_webhook
+from serve.auth import principal
+from serve.errors import ErrorEnvelope_responses as ERRORS
+from serve.errors import error_response
+from serve.responses import json
+from serve.runtime import get_runtime, valid_id
+from serve.schemas import Purchase, PurchaseIn
+
+router = APIRouter(tags=["purchases"], responses=ERRORS)
+User = Annotated[Principal, Depends(principal)]
+IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
+
+_REASONS = {"sold_out": SoldOut, "payment_declined": PaymentDeclined,
+            "offer_expired": OfferExpired, "no_offer": NoOffer}
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def purchase_view(event_id: str, pid: str, rec: dict[str, str]) -> dict[str, Any]:
+    tickets: list[dict] = []
+    if rec.get("status") == "committed" and rec.get("tickets"):
+        ids = rec["tickets"].split(",")
+        blobs = await get_runtime().redis.hmget(keys.event_tickets(event_id), ids)
+        tickets = [ledger.unpack_ticket(b, event_id) for b in blobs if b]
+    return {"purchase_id": pid, "event_id": event_id, "status": rec.get("status", "accepted"),
+            "quantity": int(rec.get("quantity", 0)), "reason": rec.get("reason") or None,
+            "tickets": tickets, "status_url": f"/api/purchases/{pid}"}
+
+
+def _outcome_response(view: dict[str, Any]):
+    status = view["status"]
+    if status == "committed":
+        return json(view, status=201)
+    if status == "accepted":
+        return json(view, status=202, headers={"Location": view["status_url"]})
+    err = _REASONS.get(view.get("reason") or "", Conflict)
+    return error_response(409, err.code, f"purchase {view['purchase_id']} {status}: "
+                                         f"{view.get('reason')}")
+
+
+@router.post("/api/events/{event_id}/purchases", status_code=202,
+             responses={201: {"model": Purchase, "description": "committed (with ?wait=)"},
+                        202: {"model": Purchase, "description": "accepted"}})
+async def purchase(event_id: str, body: PurchaseIn, p: User,
+                   idempotency_key: Annotated[str, Header(alias="Idempotency-Key",
+                                                          pattern=KEY_PATTERN)],
+                   wait: Annotated[float, Query(ge=0, le=30)] = 0):
+    """Buy with a live offer. Same key + same body returns the same purchase."""
+    rt = get_runtime()
+    r = rt.redis
+    await rt.event(event_id)
+    digest = hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
+    idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
+    pid = ledger.new_id()
+    claimed = await r.set(idem_key, msgpack.packb({"pid": pid, "h": digest}), nx=True,
+                          ex=IDEMPOTENCY_TTL_S)
+    if not claimed:
+        prior = msgpack.unpackb(await r.get(idem_key) or msgpack.packb({}), raw=False)
+        if prior.get("h") != digest:
+            raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
+        return await _await_outcome(event_id, prior["pid"], wait)
+    try:
+        view = await rt.entry(event_id, p.user_id)
+        if view is None or view["status"] != "offered" or view["offer"] is None:
+            raise NoOffer("you hold no live offer for this event")
+        if body.quantity > view["offer"]["quantity"]:
+            raise InvalidInput(f"your offer holds {view['offer']['quantity']} tickets")
+    except Exception:
+        await r.delete(idem_key)  # nothing was accepted: the key may be used again
+        raise
+    event = await rt.event(event_id)
+    ttype = view.get("ticket_type") or event["ticket_types"][0]["name"]
+    price = next((t["price"] for t in event["ticket_types"] if t["name"] == ttype), event["price"])
+    partition = zlib.crc32(p.user_id.encode()) % rt.settings.purchase_partitions
+    fut = rt.expect_purchase(pid) if wait else None
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(keys.purchase(event_id, pid), mapping={
+        "status": "accepted", "user_id": p.user_id, "quantity": body.quantity})
+    pipe.set(keys.purchase_owner(pid), event_id)
+    pipe.xadd(keys.purchase_stream(partition), {"m": msgpack.packb({
+        "pid": pid, "event_id": event_id, "user_id": p.user_id, "quantity": body.quantity,
+        "ticket_type": ttype, "unit_price": price, "payment_reference": body.payment_reference})})
+    await pipe.execute()
+    if fut is not None:
+        try:
+            await asyncio.wait_for(fut, wait)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            rt.forget_purchase(pid, fut)
+    return await _await_outcome(event_id, pid, 0)
+
+
+async def _await_outcome(event_id: str, pid: str, wait: float):
+    rt = get_runtime()
+    rec = _decode(await rt.redis.hgetall(keys.purchase(event_id, pid)))
+    if wait and rec.get("status", "accepted") == "accepted":
+        fut = rt.expect_purchase(pid)
+        try:
+            rec = _decode(await rt.redis.hgetall(keys.purchase(event_id, pid)))
+            if rec.get("status", "accepted") == "accepted":
+                await asyncio.wait_for(fut, wait)
+                rec = _decode(await rt.redis.hgetall(keys.purchase(event_id, pid)))
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            rt.forget_purchase(pid, fut)
+    return _outcome_response(await purchase_view(event_id, pid, rec))
+
+
+@router.get("/api/purchases/{purchase_id}", response_model=Purchase)
+async def purchase_status(purchase_id: str, p: User):
+    r = get_runtime().redis
+    event_id = await r.get(keys.purchase_owner(purchase_id)) if valid_id(purchase_id) else None
+    if event_id is None:
+        raise NotFound(f"purchase {purchase_id} does not exist")
+    event_id = event_id.decode()
+    rec = _decode(await r.hgetall(keys.purchase(event_id, purchase_id)))
+    if rec.get("user_id") != p.user_id and not p.is_admin:
+        raise Forbidden("this purchase is not yours")
+    return json(await purchase_view(event_id, purchase_id, rec))
+
+
+@router.post("/api/payments/webhook", status_code=204, include_in_schema=False)
+async def payment_webhook(request: Request,
+                          signature: Annotated[str, Header(alias="X-Signature")] = ""):
+    """How a real provider plugs in: an HMAC-SHA256-signed notification of a payment."""
+    secret = get_runtime().settings.webhook_secret
+    if secret is None:
+        raise Busy("no payment provider is configured")
+    body = await request.body()
+    if not signature or not verify_webhook(secret.get_secret_value(), body, signature):
+        from eventpulse.errors import Unauthorized
+        raise Unauthorized("bad webhook signature")
+    from starlette.responses import Response
+    return Response(status_code=204)

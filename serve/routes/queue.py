@@ -1,0 +1,103 @@
+"""The waiting line: join, my entry (polled or pushed), leave, release.
+
+Each request makes at most one (coalesced) actor call. Redis round trips: join 1 (rate
+limit) + details on an L1 miss; the others 0 on an L1 hit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from starlette.responses import StreamingResponse
+
+from eventpulse.auth import Principal
+from eventpulse.errors import EntryNotFound, InvalidInput, QueueClosed
+from serve import ratelimit
+from serve.auth import principal, require_self
+from serve.batching import direct
+from serve.errors import ErrorEnvelope_responses as ERRORS
+from serve.responses import json
+from serve.runtime import get_runtime
+from serve.schemas import Entry, JoinIn
+from serve.sse import hub
+
+router = APIRouter(tags=["queue"], responses=ERRORS)
+User = Annotated[Principal, Depends(principal)]
+
+
+def shaped(event_id: str, view: dict[str, Any]) -> dict[str, Any]:
+    return {"event_id": event_id, **view}
+
+
+async def my_entry(event_id: str, user_id: str) -> dict[str, Any]:
+    rt = get_runtime()
+    await rt.event(event_id)
+    view = await rt.entry(event_id, user_id)
+    if view is None:
+        raise EntryNotFound(f"user {user_id} has not joined the line of event {event_id}")
+    return shaped(event_id, view)
+
+
+@router.post("/api/events/{event_id}/queue", response_model=Entry)
+async def join(event_id: str, body: JoinIn, p: User):
+    """Join the line (idempotent: joining again returns the live entry)."""
+    rt = get_runtime()
+    event = await rt.event(event_id)
+    if event["state"] == "cancelled":
+        raise QueueClosed(f"event {event_id} was cancelled")
+    if body.quantity > event["max_per_user"]:
+        raise InvalidInput(f"quantity must be between 1 and {event['max_per_user']}")
+    s = rt.settings
+    await ratelimit.hit(rt.redis, p.user_id, "join", s.join_rate_limit, s.join_rate_window_s)
+    view = await rt.coalescer.call(event_id, "join_many",
+                                   (p.user_id, body.quantity, body.ticket_type, None))
+    rt.availability.invalidate(event_id)
+    return json(shaped(event_id, view))
+
+
+@router.get("/api/events/{event_id}/queue/me", response_model=Entry)
+async def me(event_id: str, p: User):
+    """My entry: status, exact position, ETA, offer and its expiry."""
+    return json(await my_entry(event_id, p.user_id))
+
+
+@router.get("/api/queue/position", response_model=Entry)
+async def legacy_position(p: User, eventId: Annotated[str, Query(min_length=1, max_length=64)],
+                          userId: Annotated[str, Query(min_length=1, max_length=128)]):
+    """The earlier product's position route; the same answer as `/queue/me`."""
+    require_self(p, userId)
+    return json(await my_entry(eventId, userId))
+
+
+@router.get("/api/events/{event_id}/queue/me/stream",
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-Sent Events; each `data:` is my entry"}})
+async def stream(event_id: str, p: User):
+    """My entry pushed as Server-Sent Events on every change, with heartbeats.
+
+    A reconnecting client gets the current state first, so no change is missed.
+    """
+    first = await my_entry(event_id, p.user_id)
+    return StreamingResponse(
+        hub.stream(event_id, p.user_id, first, lambda v: shaped(event_id, v)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.delete("/api/events/{event_id}/queue/me", response_model=Entry)
+async def leave(event_id: str, p: User):
+    """Leave the line (an offer held is passed on at once)."""
+    await get_runtime().event(event_id)
+    view = await direct(event_id, "leave", p.user_id)
+    get_runtime().availability.invalidate(event_id)
+    return json(shaped(event_id, view))
+
+
+@router.post("/api/events/{event_id}/queue/me/release", response_model=Entry)
+async def release(event_id: str, p: User):
+    """Decline my offer; its seats go to the next person at once."""
+    await get_runtime().event(event_id)
+    view = await direct(event_id, "release", p.user_id)
+    get_runtime().availability.invalidate(event_id)
+    return json(shaped(event_id, view))

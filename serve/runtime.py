@@ -1,0 +1,169 @@
+"""Per-replica state: the Redis pool, caches, the actor-call coalescer, pub/sub.
+
+Replicas are stateless apart from this; everything here can be rebuilt from Redis and
+the actors. One background task listens on Redis pub/sub for event changes (cache
+invalidation) and purchase outcomes (to answer `?wait=` requests at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgpack
+import orjson
+
+from eventpulse import keys, ledger, metrics
+from eventpulse.errors import EventNotFound
+from eventpulse.redis import RedisClient, get_client, pool_stats
+from eventpulse.settings import Settings, get_settings
+from serve.batching import Coalescer, direct
+from serve.cache import TTLCache
+
+log = logging.getLogger(__name__)
+
+_EVENT_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+def valid_id(value: str) -> bool:
+    return 0 < len(value) <= 64 and set(value) <= _EVENT_ID_CHARS
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.events = TTLCache("event", self.settings.event_cache_ttl_s)
+        self.missing = TTLCache("event_missing", 1.0)
+        self.availability = TTLCache("availability", self.settings.availability_cache_ttl_s)
+        self.tickets = TTLCache("tickets", 300.0, max_items=50_000)
+        self.coalescer = Coalescer(self.settings.actor_batch_window_ms / 1000)
+        self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
+        self._listener: asyncio.Task | None = None
+        self.started = time.time()
+        self.requests = 0
+        self.in_flight = 0
+        self.sse_open = 0
+
+    @property
+    def redis(self) -> RedisClient:
+        client = get_client(self.settings)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        return client
+
+    # events --------------------------------------------------------------------------
+    async def event(self, event_id: str) -> dict[str, Any]:
+        """The event document (L1-cached); EventNotFound for unknown or malformed ids."""
+        doc = self.events.get(event_id)
+        if doc is not None:
+            return doc
+        if not valid_id(event_id) or self.missing.get(event_id) is not None:
+            raise EventNotFound(f"event {event_id} does not exist")
+        try:
+            doc = await ledger.get_event(self.redis, event_id)
+        except EventNotFound:
+            self.missing.put(event_id, True)
+            raise
+        self.events.put(event_id, doc)
+        return doc
+
+    async def availability_of(self, event_id: str) -> dict[str, Any]:
+        avail = self.availability.get(event_id)
+        if avail is None:
+            event = await self.event(event_id)
+            if event["state"] == "cancelled":
+                sold = await ledger.sold_counts(self.redis, event_id)
+                total = event["total_tickets"]
+                avail = {"total": total, "sold": sold.get("_total", 0), "held": 0,
+                         "remaining": 0, "sold_out": False}
+            else:
+                avail = await direct(event_id, "availability")
+            avail = {"event_id": event_id, **avail}
+            self.availability.put(event_id, avail)
+        return avail
+
+    async def announce_event_change(self, event_id: str) -> None:
+        self.events.invalidate(event_id)
+        self.availability.invalidate(event_id)
+        await self.redis.publish(keys.EVENT_CHANNEL, event_id)
+
+    # the line ------------------------------------------------------------------------
+    async def entry(self, event_id: str, user_id: str) -> dict[str, Any] | None:
+        return await self.coalescer.call(event_id, "view_many", user_id)
+
+    # purchases -----------------------------------------------------------------------
+    def expect_purchase(self, purchase_id: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.purchase_waiters.setdefault(purchase_id, []).append(fut)
+        return fut
+
+    def forget_purchase(self, purchase_id: str, fut: asyncio.Future) -> None:
+        waiters = self.purchase_waiters.get(purchase_id, [])
+        if fut in waiters:
+            waiters.remove(fut)
+        if not waiters:
+            self.purchase_waiters.pop(purchase_id, None)
+
+    async def _listen(self) -> None:
+        """Follow pub/sub forever, reconnecting with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            try:
+                pubsub = get_client(self.settings).pubsub()
+                await pubsub.subscribe(keys.EVENT_CHANNEL, keys.PURCHASE_CHANNEL)
+                delay = 0.1
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    channel = msg["channel"].decode()
+                    if channel == keys.EVENT_CHANNEL:
+                        event_id = msg["data"].decode()
+                        self.events.invalidate(event_id)
+                        self.availability.invalidate(event_id)
+                    else:
+                        self._purchase_outcome(msgpack.unpackb(msg["data"], raw=False))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — keep listening after Redis trouble
+                log.warning("pub/sub listener: %s; reconnecting", e)
+                self.events.clear()
+                self.availability.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _purchase_outcome(self, outcome: dict[str, Any]) -> None:
+        self.availability.invalidate(outcome.get("event_id"))
+        for fut in self.purchase_waiters.pop(outcome.get("purchase_id", ""), []):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    # operations ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        stats = pool_stats(get_client(self.settings))
+        metrics.get("pool").set(stats["in_use"], tags={"state": "in_use"})
+        metrics.get("pool").set(stats["idle"], tags={"state": "idle"})
+        return {
+            "uptime_s": round(time.time() - self.started, 1),
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "sse_open": self.sse_open,
+            "redis_pool": stats,
+            "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},
+            "cache": {c.kind: c.stats() for c in (self.events, self.availability, self.tickets)},
+        }
+
+
+def dumps(data: Any) -> bytes:
+    return orjson.dumps(data)
+
+
+runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    global runtime
+    if runtime is None:
+        runtime = Runtime()
+    return runtime

@@ -1,0 +1,241 @@
+"""Session-wide real services: one redis-server, one local Ray, one deployed Serve app.
+
+Started once per test session (not per test) and stopped at the end. Nothing is faked:
+tests talk to the real Redis over TCP and to the app over real HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free port with AOF on; can be stopped and restarted."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is missing: apt-get install -y redis-server")
+        self.port = free_port()
+        self.dir = data_dir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+             "--maxclients", "20000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(7).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self, hard: bool = False) -> None:
+        if self.proc is not None:
+            (self.proc.kill if hard else self.proc.terminate)()
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="eventpulse-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def test_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@pytest.fixture(scope="session")
+def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[str, str]:
+    """The environment every Ray process of the session inherits."""
+    env = {
+        "EVENTPULSE_REDIS_URL": redis_server.url,
+        "EVENTPULSE_DATA_DIR": str(workdir / "data"),
+        "EVENTPULSE_TOKEN_SECRET": test_secret,
+        "EVENTPULSE_JOIN_RATE_LIMIT": "1000",  # the rate-limit test sets its own user up
+        "EVENTPULSE_PURCHASE_RECLAIM_IDLE_MS": "3000",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_MAXCONN": "20000",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    from cluster.launcher import haproxy_env
+
+    env.update(haproxy_env(workdir))
+    os.environ.update(env)
+    from eventpulse.settings import get_settings
+
+    get_settings.cache_clear()
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_session(app_env: dict[str, str]) -> Iterator[dict]:
+    """One local Ray for the whole run (dashboard and metrics export on)."""
+    import ray
+
+    metrics_port = free_port()
+    info = ray.init(namespace="eventpulse", num_cpus=4, include_dashboard=True,
+                    dashboard_port=free_port(), _metrics_export_port=metrics_port,
+                    log_to_driver=False, logging_level="ERROR")
+    yield {"info": info, "metrics_port": metrics_port,
+           "session_dir": Path(info.address_info["session_dir"])}
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session_dir(ray_session: dict) -> Path:
+    return ray_session["session_dir"]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session: dict) -> Iterator[str]:
+    """The Serve app deployed with the HAProxy ingress on a free port."""
+    from ray import serve
+
+    from serve.app import app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="eventpulse", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("the Serve app did not become ready")
+    yield url
+
+
+@pytest.fixture(scope="session")
+def purchase_job(serve_url: str) -> Iterator[list]:
+    """The purchase job's partition consumers, running as Ray actors for the session."""
+    import ray
+
+    from cluster.purchase_job import ConsumerActor
+    from eventpulse.settings import get_settings
+
+    actors = [ConsumerActor.remote(p) for p in range(get_settings().purchase_partitions)]
+    runs = [a.run.remote() for a in actors]
+    yield actors
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    del runs
+
+
+@pytest.fixture(scope="session")
+def token_for(test_secret: str) -> Callable[..., str]:
+    from eventpulse.auth import mint_token
+
+    def make(user: str, role: str | None = None) -> str:
+        return mint_token(user, [role] if role else [], secret=test_secret)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def auth_headers(token_for) -> Callable[..., dict[str, str]]:
+    def make(user: str, role: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token_for(user, role)}"}
+
+    return make
+
+
+@pytest.fixture
+async def http(serve_url: str) -> aiohttp.ClientSession:
+    async with aiohttp.ClientSession(base_url=serve_url,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+EVENT_BODY = {"name": "Test Night", "description": "d", "location": "Hall",
+              "event_date": "2027-01-01T20:00:00Z", "price": 10.0, "total_tickets": 10,
+              "max_per_user": 4}
+
+
+@pytest.fixture
+def make_event(http, auth_headers):
+    async def create(**overrides) -> dict:
+        body = {**EVENT_BODY, **overrides}
+        async with http.post("/api/events", json=body,
+                             headers=auth_headers("organizer-1", "organizer")) as r:
+            assert r.status == 201, await r.text()
+            return await r.json()
+
+    return create
+
+
+@pytest.fixture
+async def demo_event(make_event) -> str:
+    return (await make_event(total_tickets=100))["id"]
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer, app_env):
+    """A client of the session's Redis through the project's own pool."""
+    from eventpulse.redis import create_client
+    from eventpulse.settings import Settings
+
+    client = create_client(Settings(redis_url=redis_server.url))
+    yield client
+    await client.aclose()
