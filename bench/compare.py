@@ -88,7 +88,7 @@ async def compare_async(a: argparse.Namespace) -> dict[str, Any]:
     targets: list[tuple[str, str, list[str], list[dict[str, str]]]] = [
         ("floor_healthz", base, ["/healthz"], [{}])]
     if floor_url:
-        targets.append(("floor_noop", floor_url, [""], [{}]))
+        targets.append(("floor_noop", floor_url, ["/"], [{}]))
     targets += [
         ("queue_position", base,
          [f"/api/queue/position?eventId={quote(event_id)}&userId={quote(u)}" for u in users], uh),

@@ -30,7 +30,7 @@ def snapshot_line(stats: Stats, now: float, elapsed: float) -> dict[str, Any]:
 
 def render(title: str, line: dict[str, Any], gauges: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=True, header_style="bold")
-    for col in ("elapsed", "users", "req/s", "p95 (3 s)", "requests", "errors"):
+    for col in ("elapsed", "users", "req/s", "p95 3s", "requests", "errors"):
         t.add_column(col, justify="right")
     for k in gauges:
         if k != "users":

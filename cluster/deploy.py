@@ -55,7 +55,7 @@ def ensure_token_auth_env() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     if "ray._raylet" in sys.modules:
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]
 
         Config.initialize("")
 
@@ -162,9 +162,9 @@ def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _is_ours(submission_id: str | None, prefix: str) -> bool:
-    return bool(submission_id) and (
-        submission_id == prefix or submission_id.startswith(prefix + "-")
-    )
+    if not submission_id:
+        return False
+    return submission_id == prefix or submission_id.startswith(prefix + "-")
 
 
 def find_live_purchase_job(

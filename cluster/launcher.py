@@ -35,7 +35,7 @@ METRICS_PORT = 8080
 RAY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_HAPROXY_MAXCONN": "20000",  # 8,000 SSE streams hold two connections each
+    "RAY_SERVE_HAPROXY_MAXCONN": "7900",  # HAProxy needs 2.5 fds per conn; 20,000 fds here
     "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
@@ -161,7 +161,8 @@ def start_ray(env: dict[str, str], data_dir: Path) -> int:
     gcs_port = free_port()
     cmd = [str(ray_bin), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={DASHBOARD_PORT}", f"--metrics-export-port={METRICS_PORT}",
-           "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
@@ -201,15 +202,42 @@ def stop_ray(gcs_port: int, timeout: float = 20) -> int:
     return len(procs)
 
 
+def _haproxy_base(data_dir: Path) -> Path:
+    # HAProxy limits its admin socket path to 97 bytes and Serve adds a 56-character
+    # directory, so the base must be short: /tmp/ep-<hash of the data directory>.
+    import hashlib
+
+    digest = hashlib.blake2b(str(data_dir.resolve()).encode(), digest_size=4).hexdigest()
+    return Path(tempfile.gettempdir()) / f"ep-{digest}"
+
+
 def haproxy_env(data_dir: Path) -> dict[str, str]:
     """Per-instance HAProxy paths and metrics port, so two local instances never collide."""
-    base = data_dir / "haproxy"
+    base = _haproxy_base(data_dir)
     base.mkdir(parents=True, exist_ok=True)
     return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
+def stop_haproxy(data_dir: Path) -> int:
+    """HAProxy outlives a Ray shutdown when the Serve controller can't stop it in time:
+    stop the HAProxy processes that use this instance's config directory."""
+    import psutil
+
+    marker = _haproxy_base(data_dir).name
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if "haproxy" in " ".join(p.info.get("cmdline") or ())
+             and marker in " ".join(p.info.get("cmdline") or ())]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
 
 
 def serve_config_for(host: str, port: int, data_dir: Path) -> Path:

@@ -130,7 +130,8 @@ class PartitionConsumer:
         for mid, fields in messages:
             try:
                 req = msgpack.unpackb(fields[b"m"], raw=False)
-                req["pid"], req["event_id"], req["user_id"], int(req["quantity"])
+                req["purchase_id"] = req["pid"]
+                req["event_id"], req["user_id"], int(req["quantity"])
             except Exception as e:  # noqa: BLE001 — undecodable: never blocks the partition
                 await self._dead_letter(r, mid, fields, f"undecodable request: {e}")
                 continue

@@ -180,6 +180,7 @@ def down() -> None:
     if state.ray_started:
         with step("Ray stopped (Serve app and purchase job with it)"):
             L.stop_ray(state.gcs_port)
+            L.stop_haproxy(s.data_dir)
     if state.redis_pid:
         with step("Redis stopped"):
             L.stop_pid(state.redis_pid)

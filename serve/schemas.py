@@ -91,6 +91,7 @@ class Availability(BaseModel):
     held: int
     remaining: int
     sold_out: bool
+    by_type: dict[str, dict[str, int]] | None = None
 
 
 class JoinIn(BaseModel):

@@ -99,7 +99,7 @@ def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[
         "EVENTPULSE_PURCHASE_RECLAIM_IDLE_MS": "3000",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_HAPROXY_MAXCONN": "20000",
+        "RAY_SERVE_HAPROXY_MAXCONN": "7900",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     from cluster.launcher import haproxy_env
@@ -113,7 +113,7 @@ def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[
 
 
 @pytest.fixture(scope="session")
-def ray_session(app_env: dict[str, str]) -> Iterator[dict]:
+def ray_session(app_env: dict[str, str], workdir: Path) -> Iterator[dict]:
     """One local Ray for the whole run (dashboard and metrics export on)."""
     import ray
 
@@ -130,6 +130,9 @@ def ray_session(app_env: dict[str, str]) -> Iterator[dict]:
     except Exception:  # noqa: BLE001
         pass
     ray.shutdown()
+    from cluster.launcher import stop_haproxy
+
+    stop_haproxy(Path(app_env["EVENTPULSE_DATA_DIR"]).parent)
 
 
 @pytest.fixture(scope="session")

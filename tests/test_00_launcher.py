@@ -1,0 +1,112 @@
+"""`eventpulse up | down | status | token` as a new user runs them.
+
+Runs first (file name) so the full `up` starts its own Ray before the session's Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent / "eventpulse"
+
+
+def run(args, env_extra, timeout=400):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTPULSE_", "RAY_"))}
+    env.update(env_extra)
+    return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_token_prints_only_the_token(tmp_path):
+    out = run(["token", "alice", "--role", "organizer"], {"EVENTPULSE_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 0
+    token = out.stdout.strip()
+    assert token.count(".") == 2 and "\n" not in token
+    from eventpulse.auth import token_secret, verify_token
+    from eventpulse.settings import Settings
+
+    p = verify_token(token, secret=token_secret(Settings(data_dir=tmp_path)))
+    assert p.user_id == "alice" and p.is_organizer
+    bad = run(["token", "alice", "--role", "king"], {"EVENTPULSE_DATA_DIR": str(tmp_path)})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_up_refuses_a_taken_port_clearly(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run(["up"], {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)})
+    assert out.returncode == 1
+    assert f"port {port} is already in use" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_up_says_what_to_do_without_redis_server(tmp_path):
+    env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(free_port()),
+           "PATH": str(Path(sys.executable).parent)}  # no redis-server on this PATH
+    out = run(["up"], env)
+    assert out.returncode == 1
+    assert "redis-server is not installed" in out.stderr and "apt-get install" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_up_reports_ray_that_cannot_start_and_down_cleans_up(tmp_path):
+    with socket.socket() as s:  # the Ray dashboard's port is taken
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", 8265))
+        except OSError:
+            pytest.fail("port 8265 is in use before the test: another Ray is running")
+        s.listen()
+        env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(free_port())}
+        out = run(["up"], env)
+    assert out.returncode == 1
+    assert "Ray dashboard" in out.stderr and "Traceback" not in out.stderr
+    state = (tmp_path / "launcher.json").read_text()
+    assert '"redis_pid"' in state
+    assert run(["down"], env).returncode == 0
+    assert run(["down"], env).returncode == 0  # safe twice
+    assert not (tmp_path / "launcher.json").exists()
+
+
+@pytest.mark.slow
+def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
+    port = free_port()
+    env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)}
+    before = {p.pid for p in psutil.process_iter()}
+    try:
+        out = run(["up", "--demo"], env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "demo user token" in out.stderr and "Ray dashboard" in out.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        apps = httpx.get("http://127.0.0.1:8265/api/serve/applications/", timeout=10,
+                         headers=_ray_auth()).json()
+        assert apps["applications"]["eventpulse"]["status"] == "RUNNING"
+        jobs = httpx.get("http://127.0.0.1:8265/api/jobs/", timeout=10, headers=_ray_auth()).json()
+        assert any(j.get("submission_id", "").startswith("eventpulse-purchase-job") for j in jobs)
+        status = run(["status"], env)
+        assert status.returncode == 0 and "up" in status.stderr + status.stdout
+    finally:
+        down = run(["down"], env, timeout=300)
+    assert down.returncode == 0, down.stderr
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                 and p.info["cmdline"] and any(w in " ".join(p.info["cmdline"])
+                                               for w in ("ray", "redis-server", "haproxy"))]
+    assert leftovers == [], [p.info["cmdline"][:3] for p in leftovers]
+
+
+def _ray_auth() -> dict:
+    token_file = Path.home() / ".ray" / "auth_token"
+    return {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}

@@ -1,0 +1,169 @@
+"""Purchases end to end: accepted by the API, committed by the purchase job, listed fast."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.conftest import unique
+
+pytestmark = pytest.mark.usefixtures("purchase_job")
+
+
+async def join(http, auth_headers, event_id, user, quantity=1):
+    async with http.post(f"/api/events/{event_id}/queue", json={"quantity": quantity},
+                         headers=auth_headers(user)) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def buy(http, auth_headers, event_id, user, quantity=1, ref="test_ok_1", key=None, wait=10):
+    headers = {**auth_headers(user), "Idempotency-Key": key or uuid.uuid4().hex}
+    async with http.post(f"/api/events/{event_id}/purchases?wait={wait}", headers=headers,
+                         json={"quantity": quantity, "payment_reference": ref}) as r:
+        return r.status, await r.json()
+
+
+async def test_buyer_gets_tickets_and_sees_them_on_the_next_read(http, auth_headers, make_event):
+    event = await make_event(total_tickets=5, max_per_user=2)
+    u = unique()
+    await join(http, auth_headers, event["id"], u, 2)
+    async with http.get(f"/api/users/{u}/tickets", headers=auth_headers(u)) as r:
+        assert r.status == 200 and await r.json() == []
+    status, body = await buy(http, auth_headers, event["id"], u, 2)
+    assert status == 201, body
+    assert body["status"] == "committed" and len(body["tickets"]) == 2
+    async with http.get(f"/api/users/{u}/tickets", headers=auth_headers(u)) as r:
+        tickets = await r.json()
+        etag = r.headers["ETag"]
+    assert {t["id"] for t in tickets} == {t["id"] for t in body["tickets"]}
+    assert tickets[0]["event"]["name"] == event["name"] and tickets[0]["status"] == "valid"
+    async with http.get(f"/api/users/{u}/tickets", headers={**auth_headers(u), "If-None-Match": etag}) as r:
+        assert r.status == 304
+    async with http.get(f"/api/users/{u}/tickets?fields=id,status&eventId={event['id']}",
+                        headers=auth_headers(u)) as r:
+        narrowed = await r.json()
+        assert all(set(t) == {"id", "status"} for t in narrowed) and len(narrowed) == 2
+    async with http.get(f"/api/users/{u}/tickets?fields=password", headers=auth_headers(u)) as r:
+        assert r.status == 422
+    async with http.get(f"/api/events/{event['id']}/queue/me", headers=auth_headers(u)) as r:
+        assert (await r.json())["status"] == "purchased"
+    async with http.get(f"/api/events/{event['id']}/availability", headers=auth_headers(u)) as r:
+        avail = await r.json()
+        assert avail["sold"] == 2 and avail["held"] == 0
+
+
+async def test_same_key_same_body_returns_the_same_purchase(http, auth_headers, make_event):
+    event = await make_event(total_tickets=3)
+    u = unique()
+    await join(http, auth_headers, event["id"], u)
+    key = uuid.uuid4().hex
+    s1, first = await buy(http, auth_headers, event["id"], u, key=key)
+    s2, second = await buy(http, auth_headers, event["id"], u, key=key)
+    assert s1 == s2 == 201
+    assert first["purchase_id"] == second["purchase_id"]
+    assert [t["id"] for t in first["tickets"]] == [t["id"] for t in second["tickets"]]
+    s3, third = await buy(http, auth_headers, event["id"], u, quantity=1, ref="test_ok_other", key=key)
+    assert s3 == 409 and third["error"]["code"] == "idempotency_key_reused"
+    async with http.get(f"/api/users/{u}/tickets", headers=auth_headers(u)) as r:
+        assert len(await r.json()) == 1
+
+
+async def test_no_offer_no_purchase(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    holder, u = unique(), unique()
+    await join(http, auth_headers, event["id"], holder)
+    await join(http, auth_headers, event["id"], u)
+    status, body = await buy(http, auth_headers, event["id"], u)
+    assert status == 409 and body["error"]["code"] == "no_offer"
+    async with http.post(f"/api/events/{event['id']}/purchases", json={"quantity": 1,
+                         "payment_reference": "test_ok_x"}, headers=auth_headers(holder)) as r:
+        assert r.status == 422  # Idempotency-Key is required
+
+
+async def test_declined_payment_passes_the_hold_to_the_next_person(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    a, b = unique(), unique()
+    await join(http, auth_headers, event["id"], a)
+    await join(http, auth_headers, event["id"], b)
+    status, body = await buy(http, auth_headers, event["id"], a, ref="test_decline_card")
+    assert status == 409 and body["error"]["code"] == "payment_declined"
+    async with http.get(f"/api/events/{event['id']}/queue/me", headers=auth_headers(b)) as r:
+        assert (await r.json())["status"] == "offered"
+    status, body = await buy(http, auth_headers, event["id"], b)
+    assert status == 201
+
+
+async def test_purchase_status_is_private(http, auth_headers, make_event):
+    event = await make_event(total_tickets=2)
+    u = unique()
+    await join(http, auth_headers, event["id"], u)
+    status, body = await buy(http, auth_headers, event["id"], u, wait=0)
+    assert status in (201, 202)
+    pid = body["purchase_id"]
+    for _ in range(50):
+        async with http.get(f"/api/purchases/{pid}", headers=auth_headers(u)) as r:
+            assert r.status == 200
+            if (await r.json())["status"] == "committed":
+                break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("purchase never committed")
+    async with http.get(f"/api/purchases/{pid}", headers=auth_headers(unique())) as r:
+        assert r.status == 403
+    async with http.get(f"/api/users/{u}/tickets", headers=auth_headers(unique())) as r:
+        assert r.status == 403
+    ticket_id = body["tickets"][0]["id"] if body["tickets"] else f"{pid}-1"
+    async with http.get(f"/api/tickets/{ticket_id}", headers=auth_headers(u)) as r:
+        assert r.status == 200 and (await r.json())["event"]["id"] == event["id"]
+    async with http.get(f"/api/tickets/{ticket_id}", headers=auth_headers(unique())) as r:
+        assert r.status == 403
+
+
+async def test_cancel_refunds_tickets_and_closes_the_line(http, auth_headers, make_event):
+    event = await make_event(total_tickets=3)
+    u, late = unique(), unique()
+    await join(http, auth_headers, event["id"], u)
+    assert (await buy(http, auth_headers, event["id"], u))[0] == 201
+    async with http.post(f"/api/admin/events/{event['id']}/cancel", headers=auth_headers(u)) as r:
+        assert r.status == 403
+    async with http.post(f"/api/admin/events/{event['id']}/cancel",
+                         headers=auth_headers("organizer-1", "organizer")) as r:
+        assert r.status == 200 and (await r.json())["refunded_tickets"] == 1
+    async with http.post(f"/api/admin/events/{event['id']}/cancel",
+                         headers=auth_headers("organizer-1", "organizer")) as r:
+        assert r.status == 200 and (await r.json())["refunded_tickets"] == 0  # idempotent
+    async with http.get(f"/api/users/{u}/tickets", headers=auth_headers(u)) as r:
+        assert [t["status"] for t in await r.json()] == ["refunded"]
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                         headers=auth_headers(late)) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "queue_closed"
+
+
+async def test_last_seats_under_concurrency_are_never_oversold(http, auth_headers, make_event, redis):
+    from eventpulse import ledger
+
+    event = await make_event(total_tickets=5, max_per_user=1)
+    users = [unique() for _ in range(40)]
+    await asyncio.gather(*(join(http, auth_headers, event["id"], u) for u in users))
+
+    async def attempt(u):
+        return await buy(http, auth_headers, event["id"], u)
+
+    # Everyone tries to buy, offered or not; then the next offers are bought too.
+    results = await asyncio.gather(*(attempt(u) for u in users))
+    while True:
+        pending = []
+        for u in users:
+            async with http.get(f"/api/events/{event['id']}/queue/me", headers=auth_headers(u)) as r:
+                if (await r.json())["status"] == "offered":
+                    pending.append(u)
+        if not pending:
+            break
+        results += await asyncio.gather(*(attempt(u) for u in pending))
+    sold = await ledger.sold_counts(redis, event["id"])
+    assert sold["_total"] == 5
+    assert sum(1 for s, _ in results if s == 201) == 5
+    assert all(s in (201, 409) for s, _ in results)

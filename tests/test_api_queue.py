@@ -1,0 +1,160 @@
+"""The line over real HTTP: join, exact positions, offers passing on, SSE pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from tests.conftest import unique
+
+
+async def join(http, auth_headers, event_id, user, quantity=1):
+    async with http.post(f"/api/events/{event_id}/queue", json={"quantity": quantity},
+                         headers=auth_headers(user)) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def me(http, auth_headers, event_id, user):
+    async with http.get(f"/api/events/{event_id}/queue/me", headers=auth_headers(user)) as r:
+        return r.status, await r.json()
+
+
+async def test_join_is_idempotent_and_positions_are_exact(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    users = [unique() for _ in range(4)]
+    first = await join(http, auth_headers, event["id"], users[0])
+    assert first["status"] == "offered" and first["offer"]["quantity"] == 1
+    for u in users[1:]:
+        await join(http, auth_headers, event["id"], u)
+    again = await join(http, auth_headers, event["id"], users[1])
+    assert again["position"] == 1  # joining again returns the live entry, not a new place
+    positions = [(await me(http, auth_headers, event["id"], u))[1]["position"] for u in users[1:]]
+    assert positions == [1, 2, 3]
+
+
+async def test_leaving_moves_everyone_behind_up(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    holder, a, b, c = (unique() for _ in range(4))
+    for u in (holder, a, b, c):
+        await join(http, auth_headers, event["id"], u)
+    async with http.delete(f"/api/events/{event['id']}/queue/me", headers=auth_headers(a)) as r:
+        assert r.status == 200 and (await r.json())["status"] == "left"
+    assert (await me(http, auth_headers, event["id"], b))[1]["position"] == 1
+    assert (await me(http, auth_headers, event["id"], c))[1]["position"] == 2
+
+
+async def test_released_offer_passes_to_the_next_at_once(http, auth_headers, make_event):
+    event = await make_event(total_tickets=2, max_per_user=2)
+    a, b = unique(), unique()
+    assert (await join(http, auth_headers, event["id"], a, 2))["status"] == "offered"
+    assert (await join(http, auth_headers, event["id"], b, 1))["status"] == "waiting"
+    async with http.get(f"/api/events/{event['id']}/availability", headers=auth_headers(a)) as r:
+        avail = await r.json()
+        assert avail["held"] == 2 and avail["remaining"] == 0
+    async with http.post(f"/api/events/{event['id']}/queue/me/release", headers=auth_headers(a)) as r:
+        assert r.status == 200 and (await r.json())["status"] == "released"
+    status, entry = await me(http, auth_headers, event["id"], b)
+    assert entry["status"] == "offered" and entry["offer"]["expires_at"] > time.time()
+
+
+async def test_quantity_above_the_limit_and_unknown_entries(http, auth_headers, make_event):
+    event = await make_event(max_per_user=2)
+    u = unique()
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 3},
+                         headers=auth_headers(u)) as r:
+        assert r.status == 422
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": -1},
+                         headers=auth_headers(u)) as r:
+        assert r.status == 422
+    status, body = await me(http, auth_headers, event["id"], u)
+    assert status == 404 and body["error"]["code"] == "entry_not_found"
+    async with http.post(f"/api/events/{event['id']}/queue/me/release", headers=auth_headers(u)) as r:
+        assert r.status in (404, 409)
+
+
+async def test_legacy_position_route_answers_like_queue_me(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    holder, u = unique(), unique()
+    await join(http, auth_headers, event["id"], holder)
+    await join(http, auth_headers, event["id"], u)
+    _, mine = await me(http, auth_headers, event["id"], u)
+    async with http.get(f"/api/queue/position?eventId={event['id']}&userId={u}",
+                        headers=auth_headers(u)) as r:
+        legacy = await r.json()
+    assert legacy["position"] == mine["position"] == 1 and legacy["status"] == mine["status"]
+    async with http.get(f"/api/queue/position?eventId={event['id']}&userId={u}",
+                        headers=auth_headers(holder)) as r:
+        assert r.status == 403
+
+
+async def test_join_rate_limit_is_429_with_retry_after(http, auth_headers, make_event, redis):
+    from eventpulse.settings import get_settings
+
+    event = await make_event()
+    u = unique()
+    limit = get_settings().join_rate_limit
+    # Fill the user's window directly, then the next join is refused.
+    from eventpulse import keys
+    window = int(time.time() // get_settings().join_rate_window_s)
+    await redis.set(keys.rate(u, "join", window), limit, ex=60)
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                         headers=auth_headers(u)) as r:
+        assert r.status == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["code"] == "rate_limited"
+
+
+async def read_sse(resp, out: list, stop: asyncio.Event) -> None:
+    async for line in resp.content:
+        if line.startswith(b"data:"):
+            out.append((time.monotonic(), orjson.loads(line[5:])))
+        if stop.is_set():
+            return
+
+
+async def test_sse_pushes_a_position_change_within_one_second(http, auth_headers, make_event):
+    event = await make_event(total_tickets=1)
+    holder, a, b = unique(), unique(), unique()
+    for u in (holder, a, b):
+        await join(http, auth_headers, event["id"], u)
+    received: list = []
+    stop = asyncio.Event()
+    async with http.get(f"/api/events/{event['id']}/queue/me/stream", headers=auth_headers(b)) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        reader = asyncio.create_task(read_sse(r, received, stop))
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert received and received[0][1]["position"] == 2
+        async with http.delete(f"/api/events/{event['id']}/queue/me", headers=auth_headers(a)) as d:
+            assert d.status == 200
+        changed_at = time.monotonic()
+        while time.monotonic() < changed_at + 3 and not any(
+                v["position"] == 1 for _, v in received):
+            await asyncio.sleep(0.02)
+        stop.set()
+        reader.cancel()
+    pushes = [t for t, v in received if v["position"] == 1]
+    assert pushes, f"no push of the new position: {received}"
+    assert pushes[0] - changed_at <= 1.0
+
+
+async def test_sse_stream_needs_a_token_and_accepts_it_as_query_parameter(http, token_for, make_event):
+    event = await make_event()
+    u = unique()
+    async with http.get(f"/api/events/{event['id']}/queue/me/stream") as r:
+        assert r.status == 401
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                         headers={"Authorization": f"Bearer {token_for(u)}"}) as r:
+        assert r.status == 200
+    async with http.get(f"/api/events/{event['id']}/queue/me/stream?access_token={token_for(u)}") as r:
+        assert r.status == 200
+        line = b""
+        async for raw in r.content:
+            if raw.startswith(b"data:"):
+                line = raw
+                break
+        assert orjson.loads(line[5:])["user_id"] == u

@@ -1,0 +1,118 @@
+"""bench.stats: histogram percentiles, merging, windows, timeline."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.stats import Histogram, Sink, Stats, is_error
+
+
+def exact_percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    import math
+    return s[max(1, math.ceil(q / 100 * len(s))) - 1]
+
+
+@pytest.mark.parametrize("q", [50, 90, 95, 99, 99.9])
+def test_percentiles_within_two_percent(q: float) -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(-4, 1.2) for _ in range(20_000)]  # ~18 ms median
+    h = Histogram()
+    for v in values:
+        h.record(v)
+    assert h.count == len(values)
+    assert h.percentile(q) == pytest.approx(exact_percentile(values, q), rel=0.02)
+    assert h.mean == pytest.approx(sum(values) / len(values))
+    assert h.max == max(values) and h.min == min(values)
+    assert h.percentile(100) == max(values) and h.percentile(0) == min(values)
+
+
+def test_small_and_degenerate_inputs() -> None:
+    h = Histogram()
+    assert h.percentile(95) == 0.0 and h.mean == 0.0
+    h.record(0.25)
+    assert h.percentile(50) == 0.25 and h.percentile(99) == 0.25  # clamped to min/max
+    h.record(0.0)
+    h.record(-1.0)  # clock skew: treated as 0
+    assert h.min == 0.0 and h.count == 3
+    h3 = Histogram()
+    for v in range(1, 101):
+        h3.record(v / 1000)
+    assert h3.percentile(50) == pytest.approx(0.050, rel=0.02)
+    assert h3.percentile(95) == pytest.approx(0.095, rel=0.02)
+
+
+def test_merge_equals_recording_everything_in_one() -> None:
+    rng = random.Random(1)
+    a, b, both = Histogram(), Histogram(), Histogram()
+    for i in range(5000):
+        v = rng.expovariate(50)
+        (a if i % 3 else b).record(v)
+        both.record(v)
+    merged = Histogram().merge(a).merge(b)
+    assert merged.buckets == both.buckets
+    assert merged.count == both.count
+    assert merged.total == pytest.approx(both.total)
+    assert (merged.min, merged.max) == (both.min, both.max)
+    for q in (50, 95, 99):
+        assert merged.percentile(q) == both.percentile(q)
+
+
+def test_stats_routes_errors_and_merge() -> None:
+    w1, w2 = Stats(), Stats()
+    t = 1_700_000_000.0
+    w1.record("availability", 0.010, 200, t)
+    w1.record("availability", 0.020, 503, t + 0.5)
+    w2.record("availability", 0.030, 200, t + 1.2)
+    w2.record("user_tickets", 0.100, "timeout", t + 1.3)
+    w2.observe("push_delay", 0.05)
+    w2.count("joined", 2)
+    s = Stats.merged([w1, w2])
+    assert s.requests == 4 and s.errors == 2
+    assert s.error_rate() == 0.5
+    av = s.routes["availability"]
+    assert av.count == 3 and av.errors == 1
+    assert av.errors_by_status() == {"503": 1}
+    assert s.routes["user_tickets"].errors_by_status() == {"timeout": 1}
+    assert s.counters == {"joined": 2}
+    assert s.metrics["push_delay"].count == 1
+    assert s.timeline[int(t)].requests == 2 and s.timeline[int(t)].errors == 1
+    assert s.timeline[int(t) + 1].requests == 2
+    rows = s.timeline_rows(t)
+    assert [r["t"] for r in rows] == [0, 1]
+    assert rows[0]["requests"] == 2 and rows[1]["errors"] == 1
+    summary = s.route_summary(elapsed_s=2.0)
+    assert summary["availability"]["rps"] == 1.5
+    assert summary["availability"]["latency_ms"]["max"] == pytest.approx(30.0)
+    # lossless round trip (for shipping between processes)
+    again = Stats.from_dict(s.to_dict())
+    assert again.to_dict() == s.to_dict()
+
+
+def test_is_error() -> None:
+    assert not is_error(200) and not is_error(201) and not is_error(304)
+    assert is_error(404) and is_error(500) and is_error("conn") and is_error("timeout")
+
+
+def test_sink_windows_are_separate_from_total() -> None:
+    s = Sink()
+    s.record("healthz", 0.001, 200, 10.0)
+    s.open_window("step")
+    s.record("healthz", 0.002, 200, 11.0)
+    s.record("healthz", 0.003, 500, 11.0)
+    w = s.take_window("step")
+    assert w.requests == 2 and w.errors == 1
+    assert s.take_window("step").requests == 0
+    assert s.total.requests == 3
+
+
+def test_timeline_window() -> None:
+    s = Stats()
+    for sec in range(10):
+        for _ in range(sec):
+            s.record("x", 0.001 * (sec + 1), 200, 100.0 + sec)
+    win = s.window(107, 109)
+    assert win.requests == 7 + 8 + 9
+    assert win.latency.max == pytest.approx(0.010)
