@@ -4,8 +4,16 @@ Run with `ray job submit -- python -m cluster.purchase_job` (`eventpulse up` sub
 through the Job Submission API). One consumer actor per partition stream reads a batch
 (consumer group), groups it by event, locks the offers with the event's actor in one
 call, charges the payments in one call, commits the tickets with one Lua call per event
-batch, settles the offers, acknowledges, and publishes each outcome. A replayed request
-finds its purchase record already committed and gets the same tickets back.
+batch, settles the offers, acknowledges, and publishes the outcomes (one message per
+event batch). A replayed request finds its purchase record already committed and gets
+the same tickets back.
+
+Failure handling: a request is acknowledged only once its outcome is recorded, so a
+consumer that dies leaves its batch pending and a live consumer takes it over with
+XAUTOCLAIM after `purchase_reclaim_idle_ms`. Every step is idempotent (the offer lock,
+the charge by purchase id, the Lua commit by purchase record), so a replay settles each
+request exactly once. A request that keeps failing is isolated from its batch and, after
+`purchase_max_attempts` deliveries, moved to the dead-letter stream with its error.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from redis.exceptions import ResponseError
 
 from actors.directory import NAMESPACE, get_queue
 from eventpulse import keys, metrics
-from eventpulse.errors import EventPulseError
 from eventpulse.ledger import Ledger
 from eventpulse.payments import PaymentGateway, get_gateway
 from eventpulse.redis import RedisClient, get_client
@@ -32,6 +39,31 @@ from eventpulse.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 RECLAIM_EVERY_S = 5.0
 FINAL = ("committed", "declined", "rejected", "failed")
+# Commit refusals after which the offer's hold goes back to the line. 'already_purchased'
+# is not one: the user's other request holds (or consumed) the same offer.
+RELEASE_REASONS = ("sold_out", "event_cancelled", "unknown_ticket_type")
+
+Outcome = tuple[dict, str, str]  # request, status, reason
+
+
+class PoisonRequest(ValueError):
+    """A stream entry that can never be processed as it is."""
+
+
+def decode_request(fields: dict) -> dict[str, Any]:
+    """The request of one stream entry, checked enough that a batch cannot trip on it."""
+    try:
+        req = msgpack.unpackb(fields[b"m"], raw=False)
+        if not isinstance(req, dict):
+            raise TypeError("not a map")
+        for name in ("pid", "event_id", "user_id", "ticket_type"):
+            if not isinstance(req.get(name), str) or not req[name]:
+                raise TypeError(f"{name} must be a non-empty string")
+        req["quantity"] = int(req["quantity"])
+    except Exception as e:  # noqa: BLE001 — whatever is wrong, it stays wrong
+        raise PoisonRequest(f"undecodable request: {type(e).__name__}: {e}") from e
+    req["purchase_id"] = req["pid"]
+    return req
 
 
 class PartitionConsumer:
@@ -43,9 +75,21 @@ class PartitionConsumer:
         self.settings = settings or get_settings()
         self.gateway = gateway or get_gateway()
         self.stream = keys.purchase_stream(partition)
+        # Last error per pending request, kept in Redis so whichever consumer dead-letters
+        # a request (maybe not the one that saw it fail) can say why.
+        self.errors_key = keys.purchase_errors(partition)
         self.name = f"p{partition}-{uuid.uuid4().hex[:8]}"
-        self.processed = 0
+        self.processed = 0  # requests acknowledged with an outcome
+        self.reclaimed = 0  # requests taken over from idle consumers
+        self.dead_lettered = 0
+        # Reclaim at least twice per idle period so a dead consumer's work waits ~1 period.
+        self.reclaim_every_s = min(RECLAIM_EVERY_S,
+                                   self.settings.purchase_reclaim_idle_ms / 2000)
         self._stop = False
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "partition": self.partition, "processed": self.processed,
+                "reclaimed": self.reclaimed, "dead_lettered": self.dead_lettered}
 
     async def ensure_group(self, r: RedisClient) -> None:
         try:
@@ -63,7 +107,7 @@ class PartitionConsumer:
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             try:
                 if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + RECLAIM_EVERY_S
+                    next_reclaim = time.monotonic() + self.reclaim_every_s
                     await self.reclaim(r)
                     await self._report_lag(r)
                 resp = await r.xreadgroup(keys.PURCHASE_GROUP, self.name, {self.stream: ">"},
@@ -81,6 +125,7 @@ class PartitionConsumer:
     def stop(self) -> None:
         self._stop = True
 
+    # taking over and giving up -------------------------------------------------------
     async def reclaim(self, r: RedisClient) -> None:
         """Take over work a dead consumer left; dead-letter requests that keep failing."""
         start = "0-0"
@@ -89,7 +134,9 @@ class PartitionConsumer:
                 self.stream, keys.PURCHASE_GROUP, self.name,
                 min_idle_time=self.settings.purchase_reclaim_idle_ms, start_id=start,
                 count=self.settings.purchase_batch_size)
+            messages = [(mid, fields) for mid, fields in messages if fields is not None]
             if messages:
+                self.reclaimed += len(messages)
                 live = await self._dead_letter_exhausted(r, messages)
                 if live:
                     await self.process(r, live)
@@ -97,128 +144,225 @@ class PartitionConsumer:
                 return
 
     async def _dead_letter_exhausted(self, r: RedisClient, messages: list) -> list:
+        """Dead-letter the requests delivered more than `purchase_max_attempts` times."""
         ids = [m[0] for m in messages]
         pending = await r.xpending_range(self.stream, keys.PURCHASE_GROUP, min=ids[0],
                                          max=ids[-1], count=len(ids) * 2)
         deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
         live = []
         for mid, fields in messages:
-            if deliveries.get(mid, 0) > self.settings.purchase_max_attempts:
-                await self._dead_letter(r, mid, fields, "too many delivery attempts")
+            tries = deliveries.get(mid, 0)
+            if tries > self.settings.purchase_max_attempts:
+                error = await r.hget(self.errors_key, mid)
+                error = error.decode() if error else "unknown error"
+                await self._dead_letter(r, mid, fields, f"{tries - 1} attempts failed: {error}")
             else:
                 live.append((mid, fields))
         return live
 
     async def _dead_letter(self, r: RedisClient, mid, fields: dict, error: str) -> None:
+        """Park a request with its error, settle it as failed, and let the partition go on."""
         pipe = r.pipeline(transaction=False)
         pipe.xadd(keys.dead_letter_stream(self.partition),
                   {"m": fields.get(b"m", b""), "error": error, "id": mid})
         pipe.xack(self.stream, keys.PURCHASE_GROUP, mid)
+        pipe.hdel(self.errors_key, mid)
         await pipe.execute()
-        try:
-            req = msgpack.unpackb(fields[b"m"], raw=False)
-            await self._settle_records(r, [(req, "failed", error)])
-        except Exception:  # noqa: BLE001 — the message itself may be the poison
-            pass
+        self.dead_lettered += 1
         metrics.get("dead_letters").inc(tags={"partition": str(self.partition)})
+        try:
+            req = decode_request(fields)
+        except PoisonRequest:
+            return  # nothing to settle: no record can be found from it
+        try:
+            await self._give_up(r, req, error)
+        except Exception as e:  # noqa: BLE001 — it is parked already; an operator replays it
+            log.warning("partition %d: settling dead letter %s: %s", self.partition, mid, e)
 
+    async def _give_up(self, r: RedisClient, req: dict, error: str) -> None:
+        """A parked request fails unless it had committed; its offer lock is released."""
+        ledger = Ledger(r)
+        tickets = await ledger.fail(req["event_id"], req["pid"], error[:200])
+        outcome = "failed" if tickets is None else "committed"
+        await get_queue(req["event_id"]).finish_purchases.remote([(req["user_id"], outcome)])
+        if tickets is not None:
+            await ledger.index_tickets(req["event_id"], tickets)
+        await self._settle_records(r, req["event_id"], [(req, outcome, "" if tickets else error)])
+
+    # one batch -----------------------------------------------------------------------
     async def process(self, r: RedisClient, messages: list) -> None:
-        """One batch: decode, group by event, lock, charge, commit, settle, ack, publish."""
+        """One batch: decode, group by event, run each event's requests, ack what settled."""
         started = time.perf_counter()
         metrics.get("purchase_batch").observe(len(messages))
         by_event: dict[str, list[tuple[Any, dict]]] = defaultdict(list)
         for mid, fields in messages:
             try:
-                req = msgpack.unpackb(fields[b"m"], raw=False)
-                req["purchase_id"] = req["pid"]
-                req["event_id"], req["user_id"], int(req["quantity"])
-            except Exception as e:  # noqa: BLE001 — undecodable: never blocks the partition
-                await self._dead_letter(r, mid, fields, f"undecodable request: {e}")
+                req = decode_request(fields)
+            except PoisonRequest as e:  # never retried: it would fail the same way
+                await self._dead_letter(r, mid, fields, str(e))
                 continue
             by_event[req["event_id"]].append((mid, req))
         ledger = Ledger(r)
-        results = await asyncio.gather(*(self._process_event(r, ledger, eid, batch)
-                                         for eid, batch in by_event.items()),
-                                       return_exceptions=True)
-        done_ids = []
-        for (eid, batch), res in zip(by_event.items(), results):
-            if isinstance(res, Exception):
-                log.warning("partition %d: event %s batch failed: %s", self.partition, eid, res)
-                continue  # left pending: reclaimed and retried, dead-lettered after N tries
-            done_ids += [mid for mid, _ in batch]
+        done = await asyncio.gather(*(self._run_event(r, ledger, eid, batch)
+                                      for eid, batch in by_event.items()))
+        done_ids = [mid for ids in done for mid in ids]
         if done_ids:
             await r.xack(self.stream, keys.PURCHASE_GROUP, *done_ids)
             self.processed += len(done_ids)
         metrics.get("commit_latency").observe(time.perf_counter() - started)
 
+    async def _run_event(self, r: RedisClient, ledger: Ledger, event_id: str,
+                         batch: list[tuple[Any, dict]]) -> list:
+        """Settle one event's requests; returns the entry ids that may be acknowledged.
+
+        When the batch fails, each request is retried alone so that one bad request
+        leaves only itself pending (reclaimed, then dead-lettered) and not its neighbours.
+        Retrying is safe: every step of `_process_event` is idempotent.
+        """
+        try:
+            await self._process_event(r, ledger, event_id, [req for _, req in batch])
+            return [mid for mid, _ in batch]
+        except Exception as e:  # noqa: BLE001
+            if len(batch) == 1:
+                await self._note_failure(r, batch[0][0], event_id, e)
+                return []
+            log.warning("partition %d: event %s batch failed (%s); retrying one by one",
+                        self.partition, event_id, e)
+        done = []
+        for mid, req in batch:
+            try:
+                await self._process_event(r, ledger, event_id, [req])
+                done.append(mid)
+            except Exception as e:  # noqa: BLE001 — left pending: reclaimed, retried
+                await self._note_failure(r, mid, event_id, e)
+        return done
+
+    async def _note_failure(self, r: RedisClient, mid, event_id: str, e: Exception) -> None:
+        log.warning("partition %d: request %s of event %s failed: %s", self.partition, mid,
+                    event_id, e)
+        try:
+            await r.hset(self.errors_key, mid, f"{type(e).__name__}: {e}"[:500])
+        except Exception:  # noqa: BLE001 — the error text is a courtesy, not a must
+            pass
+
     async def _process_event(self, r: RedisClient, ledger: Ledger, event_id: str,
-                             batch: list[tuple[Any, dict]]) -> None:
-        reqs = [req for _, req in batch]
-        # A redelivered request may be settled already (crash after commit, before ack).
+                             reqs: list[dict]) -> None:
+        """Lock, charge, commit, settle and publish one event's requests."""
+        fresh, committed = await self._unsettled(r, event_id, reqs)
+        fresh, outcomes = self._one_per_user(fresh)
+        queue = get_queue(event_id)
+        # A replayed commit may have died before settling the line: settle it again
+        # (the line answers "already settled" when it had, which is fine).
+        settle = [(q["user_id"], "committed") for q in committed]
+        if fresh:
+            locked = await self._lock(queue, fresh, outcomes)
+            approved, declined = await self._charge(locked, outcomes)
+            settle += [(q["user_id"], "declined") for q in declined]
+            if approved:
+                done, released = await self._commit(ledger, event_id, approved, outcomes)
+                committed += done
+                settle += [(q["user_id"], "committed") for q in done]
+                settle += [(q["user_id"], "declined") for q in released]
+        if settle:
+            await queue.finish_purchases.remote(settle)
+        if committed:
+            await ledger.index_tickets(event_id, [t for q in committed for t in q["tickets"]])
+            outcomes += [(q, "committed", "") for q in committed]
+        await self._settle_records(r, event_id, outcomes)
+
+    async def _unsettled(self, r: RedisClient, event_id: str, reqs: list[dict]
+                         ) -> tuple[list[dict], list[dict]]:
+        """Split requests into fresh ones and ones committed already (crash before ack).
+
+        Requests settled otherwise (declined, rejected, failed) are dropped: their outcome
+        was recorded and published before.
+        """
         pipe = r.pipeline(transaction=False)
         for req in reqs:
-            pipe.hget(keys.purchase(event_id, req["pid"]), "status")
-        statuses = [s.decode() if s else "accepted" for s in await pipe.execute()]
-        fresh = [req for req, s in zip(reqs, statuses) if s not in FINAL]
-        replayed = [req for req, s in zip(reqs, statuses) if s == "committed"]
-        outcomes: list[tuple[dict, str, str]] = []
-        queue = get_queue(event_id)
-        if fresh:
-            locks = await queue.begin_purchases.remote([(q["user_id"], int(q["quantity"]))
-                                                        for q in fresh])
-            locked = []
-            for req, err in zip(fresh, locks):
-                if err is None:
-                    locked.append(req)
-                else:
-                    outcomes.append((req, "rejected", getattr(err, "code", "no_offer")))
-            charged = await self.gateway.charge_many([
-                {"purchase_id": q["pid"], "amount": q["unit_price"] * int(q["quantity"]),
-                 "payment_reference": q["payment_reference"]} for q in locked])
-            approved = [q for q, (ok, _) in zip(locked, charged) if ok]
-            outcomes += [(q, "declined", "payment_declined")
-                         for q, (ok, _) in zip(locked, charged) if not ok]
-            committed = await ledger.commit(event_id, approved) if approved else []
-            settle = []
-            for req, (status, detail) in zip(approved, committed):
-                if status in ("committed", "duplicate"):
-                    req["tickets"] = detail
-                    replayed.append(req)
-                    settle.append((req["user_id"], "committed"))
-                else:
-                    outcomes.append((req, "rejected", str(detail)))
-                    settle.append((req["user_id"], "declined"))
-            settle += [(q["user_id"], "declined") for q, s, _ in outcomes if s == "declined"]
-            if settle:
-                await queue.finish_purchases.remote(settle)
-        if replayed:
-            tickets = [t for q in replayed for t in q.get("tickets") or
-                       await self._tickets_of(r, event_id, q["pid"])]
-            await ledger.index_tickets(event_id, tickets)
-            outcomes += [(q, "committed", "") for q in replayed]
-        await self._settle_records(r, outcomes)
-        for _, status, _ in outcomes:
-            metrics.get("purchases").inc(tags={"outcome": status})
+            pipe.hmget(keys.purchase(event_id, req["pid"]), "status", "tickets")
+        fresh, committed = [], []
+        for req, (status, tickets) in zip(reqs, await pipe.execute()):
+            if status == b"committed":
+                req["tickets"] = tickets.decode().split(",") if tickets else []
+                committed.append(req)
+            elif status is None or status.decode() not in FINAL:
+                fresh.append(req)
+        return fresh, committed
 
-    async def _tickets_of(self, r: RedisClient, event_id: str, pid: str) -> list[str]:
-        raw = await r.hget(keys.purchase(event_id, pid), "tickets")
-        return raw.decode().split(",") if raw else []
+    @staticmethod
+    def _one_per_user(reqs: list[dict]) -> tuple[list[dict], list[Outcome]]:
+        """One offer buys once: a user's second request in the batch is refused up front.
 
-    async def _settle_records(self, r: RedisClient, outcomes: list[tuple[dict, str, str]]) -> None:
+        Without this both would pass the line's lock (a repeated lock is a no-op) and be
+        charged; the ledger would still commit only one (its buyers guard).
+        """
+        seen: set[str] = set()
+        keep, refused = [], []
+        for req in reqs:
+            if req["user_id"] in seen:
+                refused.append((req, "rejected", "already_purchased"))
+            else:
+                seen.add(req["user_id"])
+                keep.append(req)
+        return keep, refused
+
+    @staticmethod
+    async def _lock(queue, reqs: list[dict], outcomes: list[Outcome]) -> list[dict]:
+        """Lock the offers in one actor call; a locked offer cannot expire mid-commit."""
+        errors = await queue.begin_purchases.remote([(q["user_id"], q["quantity"]) for q in reqs])
+        locked = []
+        for req, err in zip(reqs, errors):
+            if err is None:
+                locked.append(req)
+            else:
+                outcomes.append((req, "rejected", getattr(err, "code", "no_offer")))
+        return locked
+
+    async def _charge(self, reqs: list[dict], outcomes: list[Outcome]
+                      ) -> tuple[list[dict], list[dict]]:
+        """Charge in one gateway call (idempotent by purchase id); (approved, declined)."""
+        if not reqs:
+            return [], []
+        charged = await self.gateway.charge_many([
+            {"purchase_id": q["pid"], "amount": q["unit_price"] * q["quantity"],
+             "payment_reference": q["payment_reference"]} for q in reqs])
+        approved, declined = [], []
+        for req, (ok, _) in zip(reqs, charged):
+            (approved if ok else declined).append(req)
+        outcomes += [(q, "declined", "payment_declined") for q in declined]
+        return approved, declined
+
+    @staticmethod
+    async def _commit(ledger: Ledger, event_id: str, reqs: list[dict],
+                      outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
+        """One Lua call; returns (committed, refused-whose-hold-goes-back)."""
+        done, released = [], []
+        for req, (status, detail) in zip(reqs, await ledger.commit(event_id, reqs)):
+            if status in ("committed", "duplicate"):
+                req["tickets"] = detail
+                done.append(req)
+            else:
+                outcomes.append((req, "rejected", str(detail)))
+                if detail in RELEASE_REASONS:
+                    released.append(req)
+        return done, released
+
+    async def _settle_records(self, r: RedisClient, event_id: str,
+                              outcomes: list[Outcome]) -> None:
+        """Record non-commit outcomes and publish all of them in one message, one trip."""
         if not outcomes:
             return
         pipe = r.pipeline(transaction=False)
         for req, status, reason in outcomes:
             if status != "committed":  # committed records were written by the Lua commit
-                pipe.hset(keys.purchase(req["event_id"], req["pid"]),
+                pipe.hset(keys.purchase(event_id, req["pid"]),
                           mapping={"status": status, "reason": reason})
+        pipe.publish(keys.PURCHASE_CHANNEL, msgpack.packb([
+            {"purchase_id": req["pid"], "event_id": event_id, "user_id": req["user_id"],
+             "status": status, "reason": reason} for req, status, reason in outcomes]))
         await pipe.execute()
-        pipe = r.pipeline(transaction=False)
-        for req, status, reason in outcomes:
-            pipe.publish(keys.PURCHASE_CHANNEL, msgpack.packb({
-                "purchase_id": req["pid"], "event_id": req["event_id"],
-                "user_id": req["user_id"], "status": status, "reason": reason}))
-        await pipe.execute()
+        for _, status, _ in outcomes:
+            metrics.get("purchases").inc(tags={"outcome": status})
 
     async def _report_lag(self, r: RedisClient) -> None:
         try:
@@ -232,11 +376,19 @@ class PartitionConsumer:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class ConsumerActor:
-    def __init__(self, partition: int) -> None:
-        self.consumer = PartitionConsumer(partition)
+    """Hosts one partition's consumer. `overrides` change settings (tests, benchmarks)."""
+
+    def __init__(self, partition: int, overrides: dict[str, Any] | None = None) -> None:
+        settings = get_settings()
+        if overrides:
+            settings = settings.model_copy(update=overrides)
+        self.consumer = PartitionConsumer(partition, settings)
 
     async def run(self) -> int:
         return await self.consumer.run()
+
+    async def stats(self) -> dict[str, Any]:
+        return self.consumer.stats()
 
 
 def main() -> None:

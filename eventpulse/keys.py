@@ -41,6 +41,11 @@ def event_tickets(event_id: str) -> str:
     return f"{_ev(event_id)}:tickets"
 
 
+def event_buyers(event_id: str) -> str:
+    """Hash: user id -> the purchase id that bought (one offer buys once)."""
+    return f"{_ev(event_id)}:buyers"
+
+
 def idempotency(event_id: str, key: str) -> str:
     """String: the committed result of one purchase request."""
     return f"{_ev(event_id)}:idem:{key}"
@@ -92,6 +97,11 @@ def purchase_stream(partition: int) -> str:
 
 def dead_letter_stream(partition: int) -> str:
     return f"{PREFIX}:{{ps:{partition}}}:dead"
+
+
+def purchase_errors(partition: int) -> str:
+    """Hash: stream entry id -> the last error processing it (read when dead-lettering)."""
+    return f"{PREFIX}:{{ps:{partition}}}:errors"
 
 
 PURCHASE_GROUP = "purchase-job"

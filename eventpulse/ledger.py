@@ -21,27 +21,36 @@ from eventpulse.redis import RedisClient
 TICKET_FORMAT = 1
 TOTAL = "_total"
 
-# KEYS: event, sold, capacity, tickets, purchase records...   ARGV: n, then per item
-# 5 values: quantity, ticket_type, packed purchase-record fields, n_tickets, ticket blobs…
+# KEYS: event, sold, capacity, tickets, buyers, purchase records...   ARGV: n, then per
+# item 6 values: user, purchase id, quantity, ticket_type, n_tickets, ticket blobs…
 # Returns per item: {status, reason-or-ticket-ids}. A record already 'committed' is
-# returned as it is (exactly-once); nothing is written for a refused item.
+# returned as it is (exactly-once); a record already settled otherwise keeps its outcome;
+# nothing is written for a refused item. `buyers` (user -> purchase id) is the hard guard
+# that one user's offer buys once, even when two requests with different keys race.
 _COMMIT_LUA = """
-local event, sold, capacity, tickets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local event, sold, capacity, tickets, buyers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('HGET', event, 'state') == 'cancelled' then
   local out = {}
-  for i = 5, #KEYS do out[#out + 1] = {'rejected', 'event_cancelled'} end
+  for i = 6, #KEYS do out[#out + 1] = {'rejected', 'event_cancelled'} end
   return out
 end
 local out, a = {}, 2
 local n = tonumber(ARGV[1])
 for i = 1, n do
-  local rec = KEYS[4 + i]
-  local qty, ttype, nt = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
-  local base = a + 3
+  local rec = KEYS[5 + i]
+  local user, pid = ARGV[a], ARGV[a + 1]
+  local qty, ttype, nt = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
+  local base = a + 5
   a = base + 2 * nt
   local status = redis.call('HGET', rec, 'status')
+  local buyer = redis.call('HGET', buyers, user)
   if status == 'committed' then
     out[#out + 1] = {'duplicate', redis.call('HGET', rec, 'tickets')}
+  elseif status == 'rejected' or status == 'declined' or status == 'failed' then
+    out[#out + 1] = {'rejected', redis.call('HGET', rec, 'reason') or status}
+  elseif buyer and buyer ~= pid then
+    redis.call('HSET', rec, 'status', 'rejected', 'reason', 'already_purchased')
+    out[#out + 1] = {'rejected', 'already_purchased'}
   else
     local cap_t = tonumber(redis.call('HGET', capacity, ttype) or '-1')
     local cap = tonumber(redis.call('HGET', capacity, '_total') or '0')
@@ -62,11 +71,22 @@ for i = 1, n do
       end
       local joined = table.concat(ids, ',')
       redis.call('HSET', rec, 'status', 'committed', 'tickets', joined)
+      redis.call('HSET', buyers, user, pid)
       out[#out + 1] = {'committed', joined}
     end
   end
 end
 return out
+"""
+
+
+# KEYS: purchase record. ARGV: reason. Marks a request 'failed' unless it committed (a
+# dead-lettered request may have committed before the step that kept failing).
+_FAIL_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'committed' then return {status, redis.call('HGET', KEYS[1], 'tickets')} end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'reason', ARGV[1])
+return {'failed', ''}
 """
 
 
@@ -146,6 +166,7 @@ class Ledger:
     def __init__(self, r: RedisClient) -> None:
         self.r = r
         self._commit = r.register_script(_COMMIT_LUA)
+        self._fail = r.register_script(_FAIL_LUA)
 
     async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None
                      ) -> list[tuple[str, list[str] | str]]:
@@ -157,12 +178,12 @@ class Ledger:
         """
         now = time.time() if now is None else now
         keys_ = [keys.event(event_id), keys.sold(event_id), keys.capacity(event_id),
-                 keys.event_tickets(event_id)]
+                 keys.event_tickets(event_id), keys.event_buyers(event_id)]
         args: list[Any] = [len(items)]
         for it in items:
             keys_.append(keys.purchase(event_id, it["purchase_id"]))
             qty = int(it["quantity"])
-            args += [qty, it["ticket_type"], qty]
+            args += [it["user_id"], it["purchase_id"], qty, it["ticket_type"], qty]
             for seat in range(qty):
                 tid = f"{it['purchase_id']}-{seat + 1}"
                 args += [tid, pack_ticket({
@@ -176,6 +197,12 @@ class Ledger:
             status, detail = status.decode(), detail.decode()
             out.append((status, detail.split(",") if status in ("committed", "duplicate") else detail))
         return out
+
+    async def fail(self, event_id: str, purchase_id: str, reason: str) -> list[str] | None:
+        """Settle a request as failed; if it had committed, keep it and return its tickets."""
+        status, tickets = await self._fail(keys=[keys.purchase(event_id, purchase_id)],
+                                           args=[reason])
+        return tickets.decode().split(",") if status == b"committed" else None
 
     async def index_tickets(self, event_id: str, ticket_ids: list[str]) -> set[str]:
         """Copy committed tickets to their owners' index and bump their cache stamps.

@@ -9,16 +9,61 @@ connections are health-checked, and replies are parsed by hiredis when installed
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventpulse.settings import Settings, get_settings
+
+
+class WaitingRedisCluster(RedisCluster):
+    """A Redis Cluster client whose callers wait for a connection, like the blocking pool.
+
+    redis-py's cluster node pools raise MaxConnectionsError at once when full (the earlier
+    product's "Too many connections" 500s). Commands and pipelines here take one of
+    `redis_pool_size` permits first, waiting up to `redis_pool_timeout_s`; each node may
+    open a few connections more than that for pub/sub and a pipeline spanning nodes.
+    """
+
+    HEADROOM = 4
+
+    def _init_waiting(self, permits: int, timeout_s: float) -> None:
+        self.pool_size = permits
+        self._permits = asyncio.Semaphore(permits)
+        self._permit_timeout = timeout_s
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        try:
+            await asyncio.wait_for(self._permits.acquire(), self._permit_timeout)
+        except asyncio.TimeoutError:
+            raise RedisConnectionError("No connection available.") from None
+        try:
+            yield
+        finally:
+            self._permits.release()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.permit():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        return _WaitingPipeline(self, transaction)
+
+
+class _WaitingPipeline(ClusterPipeline):
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.cluster_client.permit():
+            return await super().execute(*args, **kwargs)
+
 
 RedisClient = aioredis.Redis | RedisCluster
 
@@ -50,7 +95,10 @@ def create_client(settings: Settings | None = None, url: str | None = None) -> R
         decode_responses=False,
     )
     if settings.redis_cluster:
-        return RedisCluster.from_url(url, max_connections=settings.redis_pool_size, **common)
+        cluster = WaitingRedisCluster.from_url(
+            url, max_connections=settings.redis_pool_size + WaitingRedisCluster.HEADROOM, **common)
+        cluster._init_waiting(settings.redis_pool_size, settings.redis_pool_timeout_s)
+        return cluster
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_pool_size,
@@ -79,7 +127,10 @@ def pool_stats(client: RedisClient) -> dict[str, int]:
         for node in client.get_nodes():
             in_use += len(node._connections) - len(node._free)
             idle += len(node._free)
-        return {"in_use": in_use, "idle": idle, "max": client.max_connections}
+        limit = getattr(client, "pool_size", None)
+        if limit is None:  # a plain RedisCluster: its limit is per node
+            limit = sum(node.max_connections for node in client.get_nodes())
+        return {"in_use": in_use, "idle": idle, "max": limit}
     pool = client.connection_pool
     return {
         "in_use": len(pool._in_use_connections),

@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from eventpulse.auth import Principal, token_secret, verify_token
@@ -43,9 +45,14 @@ def authenticate(token: str) -> Principal:
     return principal
 
 
-async def principal(request: Request) -> Principal:
-    """FastAPI dependency: the caller, or 401 in the error envelope."""
-    creds: HTTPAuthorizationCredentials | None = await _bearer(request)
+async def principal(request: Request,
+                    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+                    ) -> Principal:
+    """FastAPI dependency: the caller, or 401 in the error envelope.
+
+    Depending on `_bearer` (rather than calling it) documents the bearer scheme in the
+    OpenAPI document, so clients and generated tests know every route needs a token.
+    """
     token = creds.credentials if creds else request.query_params.get("access_token")
     if not token:
         raise Unauthorized("missing bearer token")

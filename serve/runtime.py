@@ -123,7 +123,10 @@ class Runtime:
                         self.events.invalidate(event_id)
                         self.availability.invalidate(event_id)
                     else:
-                        self._purchase_outcome(msgpack.unpackb(msg["data"], raw=False))
+                        data = msgpack.unpackb(msg["data"], raw=False)
+                        # The purchase job publishes one list per event batch.
+                        for outcome in data if isinstance(data, list) else [data]:
+                            self._purchase_outcome(outcome)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — keep listening after Redis trouble

@@ -522,7 +522,7 @@ def check_invariants(line: WaitingLine, now: float) -> None:
     assert line.stats(now)["waiting"] == len(waiting)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=60), seed=st.integers(0, 2**63 - 1),
        opens_at=st.sampled_from([None, T + 30]))
 def test_random_operations_keep_the_invariants(ops: list[tuple[Any, ...]], seed: int,

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 
 from eventpulse import keys, ledger
 from eventpulse.auth import Principal
-from eventpulse.errors import (Busy, Forbidden, IdempotencyMismatch, InvalidInput, NoOffer,
+from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, IdempotencyMismatch, InvalidInput, NoOffer,
                                NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
 from eventpulse.payments import verify_webhook
 from serve.auth import principal
@@ -31,7 +31,7 @@ User = Annotated[Principal, Depends(principal)]
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
 
-_REASONS = {"sold_out": SoldOut, "payment_declined": PaymentDeclined,
+_REASONS = {"already_purchased": AlreadyPurchased, "sold_out": SoldOut, "payment_declined": PaymentDeclined,
             "offer_expired": OfferExpired, "no_offer": NoOffer}
 
 
