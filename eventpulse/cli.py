@@ -158,10 +158,13 @@ def _seed_demo(s: Settings, state) -> None:
         httpx.post(f"{state.api_url}/api/events/{event_id}/queue", json={"quantity": 2},
                    headers={"Authorization": f"Bearer {user}"}, timeout=30).raise_for_status()
     state.urls["demo event"] = f"{state.api_url}/api/events/{event_id}"
-    state.urls["waiting room"] = f"{state.api_url}/events/{event_id}/waiting-room?token={user}"
+    state.urls["waiting room"] = f"{state.api_url}/events/{event_id}/waiting-room"
     state.save()
-    console.print(f"demo user token:      [bold]{user}[/]")
-    console.print(f"demo organizer token: [bold]{org}[/]")
+    # Plain prints: tokens must stay on one line to be copied.
+    print(f"demo user token:      {user}", file=sys.stderr)
+    print(f"demo organizer token: {org}", file=sys.stderr)
+    print(f"waiting room:         {state.api_url}/events/{event_id}/waiting-room?token={user}",
+          file=sys.stderr)
 
 
 @app.command()

@@ -60,8 +60,38 @@ class WaitingRedisCluster(RedisCluster):
 
 
 class _WaitingPipeline(ClusterPipeline):
+    """A cluster pipeline that waits for a permit; transactions queue their commands
+    until `execute`.
+
+    redis-py queues each command of an async cluster transaction through `asyncio.run` in
+    a helper thread; on a client not yet initialized that would open the cluster's
+    connections on the helper's short-lived loop, leaving them unusable ("Event loop is
+    closed"). Deferring the queueing until the client is initialized on the caller's loop
+    keeps that thread free of I/O.
+    """
+
+    def __init__(self, client: RedisCluster, transaction: Any = None) -> None:
+        super().__init__(client, transaction)
+        self._deferred: list[tuple[tuple, dict]] | None = [] if transaction else None
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._deferred is not None:
+            self._deferred.append((args, kwargs))
+            return self
+        return super().execute_command(*args, **kwargs)
+
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.cluster_client.permit():
+        client = self.cluster_client
+        async with client.permit():
+            if self._deferred:
+                if client._initialize:
+                    await client.initialize()
+                calls, self._deferred = self._deferred, None
+                try:
+                    for call_args, call_kwargs in calls:
+                        super().execute_command(*call_args, **call_kwargs)
+                finally:
+                    self._deferred = []
             return await super().execute(*args, **kwargs)
 
 

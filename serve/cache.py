@@ -22,15 +22,17 @@ class TTLCache:
         self.kind, self.ttl_s, self.max_items, self.layer = kind, ttl_s, max_items, layer
         self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
         self.hits = self.misses = 0
+        base = (("layer", layer), ("kind", kind))
+        self._hit_tags, self._miss_tags = base + (("result", "hit"),), base + (("result", "miss"),)
 
     def get(self, key: Any) -> Any | None:
         item = self._data.get(key)
         if item is not None and item[0] > time.monotonic():
             self.hits += 1
-            metrics.get("cache").inc(tags={"layer": self.layer, "kind": self.kind, "result": "hit"})
+            metrics.aggregate.count("cache", self._hit_tags)
             return item[1]
         self.misses += 1
-        metrics.get("cache").inc(tags={"layer": self.layer, "kind": self.kind, "result": "miss"})
+        metrics.aggregate.count("cache", self._miss_tags)
         return None
 
     def put(self, key: Any, value: Any, ttl_s: float | None = None) -> None:

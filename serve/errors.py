@@ -66,6 +66,12 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> Response:
         # Actor or Redis trouble surfaces here: tell the client to retry, log the cause.
         log.exception("unhandled error: %s", type(exc).__name__)
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, (RedisError, OSError)):
+            from eventpulse import metrics
+
+            metrics.aggregate.count("redis_errors", ())
         return error_response(503, "unavailable", "temporarily unavailable, retry shortly", 1)
 
 

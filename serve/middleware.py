@@ -78,8 +78,8 @@ class Guard:
             else:
                 rt.sse_open -= 1
             route = scope.get("route")
-            name = getattr(route, "path", "unmatched")
-            tags = {"route": name, "method": scope["method"]}
-            metrics.get("http_requests").inc(tags={**tags, "status": str(status)})
+            tags = (("route", getattr(route, "path", "unmatched")), ("method", scope["method"]))
+            metrics.aggregate.count("http_requests", tags + (("status", str(status)),))
             if not streaming:
-                metrics.get("http_latency").observe(time.perf_counter() - started, tags=tags)
+                metrics.aggregate.observe("eventpulse_http_request_duration_seconds", tags,
+                                          time.perf_counter() - started)

@@ -45,6 +45,12 @@ class Runtime:
         self.requests = 0
         self.in_flight = 0
         self.sse_open = 0
+        metrics.aggregate.on_flush(self._pool_gauges)
+
+    def _pool_gauges(self) -> None:
+        stats = pool_stats(get_client(self.settings))
+        metrics.get("pool").set(stats["in_use"], tags={"state": "in_use"})
+        metrics.get("pool").set(stats["idle"], tags={"state": "idle"})
 
     @property
     def redis(self) -> RedisClient:
@@ -145,8 +151,6 @@ class Runtime:
     # operations ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         stats = pool_stats(get_client(self.settings))
-        metrics.get("pool").set(stats["in_use"], tags={"state": "in_use"})
-        metrics.get("pool").set(stats["idle"], tags={"state": "idle"})
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "requests": self.requests,

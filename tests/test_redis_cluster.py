@@ -132,8 +132,8 @@ async def test_the_client_is_a_cluster_client_spread_over_three_masters(rc):
     from redis.asyncio.cluster import RedisCluster
 
     assert isinstance(rc, RedisCluster)
-    assert len(rc.get_nodes()) == 3
     assert await rc.ping()
+    assert len(rc.get_nodes()) == 3
     stats = pool_stats(rc)
     assert stats["max"] == 50 and stats["in_use"] >= 0
 
@@ -146,7 +146,7 @@ async def test_every_key_of_one_event_or_user_shares_a_slot(rc):
     user_keys = [keys.user_tickets(uid), keys.user_tickets_version(uid),
                  keys.user_tickets_cache(uid, 3, "all"), keys.rate(uid, "join", 7)]
     for group in (event_keys, user_keys):
-        slots = {await rc.execute_command("CLUSTER", "KEYSLOT", k) for k in group}
+        slots = {await rc.cluster_keyslot(k) for k in group}
         assert len(slots) == 1, group
 
 
@@ -226,6 +226,7 @@ async def test_pubsub_reaches_a_subscriber_on_another_master(rc, cluster_setting
     """Cache invalidation and purchase outcomes ride on classic pub/sub, which a cluster
     broadcasts to every node."""
     listener = create_client(cluster_settings)
+    await listener.ping()
     pubsub = listener.pubsub(node=listener.get_nodes()[-1])
     await pubsub.subscribe(keys.EVENT_CHANNEL)
     await rc.publish(keys.EVENT_CHANNEL, b"ev-123")
@@ -238,3 +239,15 @@ async def test_pubsub_reaches_a_subscriber_on_another_master(rc, cluster_setting
     await pubsub.aclose()
     await listener.aclose()
     assert got == b"ev-123"
+
+
+async def test_a_fresh_clients_first_call_may_be_a_transaction(cluster_settings):
+    """redis-py queues cluster transactions through a helper thread's own loop; the client
+    must still open its connections on the caller's loop."""
+    client = create_client(cluster_settings)
+    eid = unique("ev")
+    loaded = await store.load(client, eid)  # MULTI GET LRANGE EXEC, before anything else
+    assert loaded.line_state is None and loaded.tail == []
+    await store.write_snapshot(client, eid, 0, WaitingLine(LineConfig(capacity={"g": 1})).to_snapshot(), 0)
+    assert (await store.load(client, eid)).line_state is not None
+    await client.aclose()
