@@ -784,7 +784,8 @@ class WaitingLine:
             return cls._restore(d)
         except DecodeError:
             raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, EventPulseError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError,
+                EventPulseError) as e:
             raise DecodeError(f"line snapshot is malformed: {e!r}") from e
 
     @classmethod
@@ -842,4 +843,41 @@ class WaitingLine:
         line._opened, line._opened_at, line._seed = bool(d["opened"]), d["opened_at"], d["seed"]
         line._closed, line.version = bool(d["closed"]), int(d["version"])
         line._n.update({k: int(v) for k, v in d["n"].items() if k in line._n})
+        line._check_restored()
         return line
+
+    def _check_restored(self) -> None:
+        """Bounds every later read relies on: a snapshot that passes restores a line whose
+        queries cannot fail (corruption is refused here, not at the first position read)."""
+        cfg, n = self.config, len(self._users)
+        for name in TUNABLE:
+            _check_tunable(name, getattr(cfg, name))
+        if not all(type(u) is str for u in self._users):
+            raise DecodeError("line snapshot holds a user id that is not a string")
+
+        def within(col: array[Any], lo: int, hi: int, what: str) -> None:
+            if len(col) and (min(col) < lo or max(col) >= hi):
+                raise DecodeError(f"line snapshot {what} out of range")
+
+        within(self._st, 0, len(STATUSES), "status")
+        within(self._lane, 0, cfg.lanes, "lane")
+        within(self._tt, 0, len(self._types), "ticket type")
+        within(self._qty, 0, 128, "quantity")
+        within(self._oq, 0, 128, "offered quantity")
+        within(self._pre, 0, n, "pre-queue entry")
+        lens = [len(o) for o in self._order]
+        for lane, (order, gone) in enumerate(zip(self._order, self._gone)):
+            within(order, 0, n, f"lane {lane} entry")
+            if gone.cap < len(order) or not 0 <= self._head[lane] <= len(order):
+                raise DecodeError(f"line snapshot lane {lane} does not cover its slots")
+        if any(s >= lens[lane] for s, lane in zip(self._seq, self._lane)) or (
+                len(self._seq) and min(self._seq) < -1):
+            raise DecodeError("line snapshot slot out of range")
+        if any(not 0 <= e < n or q < 0 for e, q in self._buying.items()):
+            raise DecodeError("line snapshot purchase out of range")
+        for name in ("_first_grant", "_opened_at"):
+            value = getattr(self, name)
+            if value is not None and not _is_num(value):
+                raise DecodeError(f"line snapshot {name[1:]} is not a number")
+        if self._seed is not None and not _is_int(self._seed):
+            raise DecodeError("line snapshot seed is not an integer")

@@ -182,12 +182,18 @@ class PartitionConsumer:
     async def _give_up(self, r: RedisClient, req: dict, error: str) -> None:
         """A parked request fails unless it had committed; its offer lock is released."""
         ledger = Ledger(r)
-        tickets = await ledger.fail(req["event_id"], req["pid"], error[:200])
-        outcome = "failed" if tickets is None else "committed"
-        await get_queue(req["event_id"]).finish_purchases.remote([(req["user_id"], outcome)])
-        if tickets is not None:
+        await self._settle_records(r, ledger, req["event_id"], [(req, "failed", error[:200])])
+        committed = req.get("status") == "committed"
+        await get_queue(req["event_id"]).finish_purchases.remote(
+            [(req["user_id"], "committed" if committed else "failed")])
+        if committed:
+            tickets = await self._tickets_of(r, req["event_id"], req["pid"])
             await ledger.index_tickets(req["event_id"], tickets)
-        await self._settle_records(r, req["event_id"], [(req, outcome, "" if tickets else error)])
+
+    @staticmethod
+    async def _tickets_of(r: RedisClient, event_id: str, pid: str) -> list[str]:
+        raw = await r.hget(keys.purchase(event_id, pid), "tickets")
+        return raw.decode().split(",") if raw else []
 
     # one batch -----------------------------------------------------------------------
     async def process(self, r: RedisClient, messages: list) -> None:
@@ -268,7 +274,7 @@ class PartitionConsumer:
         if committed:
             await ledger.index_tickets(event_id, [t for q in committed for t in q["tickets"]])
             outcomes += [(q, "committed", "") for q in committed]
-        await self._settle_records(r, event_id, outcomes)
+        await self._settle_records(r, ledger, event_id, outcomes)
 
     async def _unsettled(self, r: RedisClient, event_id: str, reqs: list[dict]
                          ) -> tuple[list[dict], list[dict]]:
@@ -296,13 +302,16 @@ class PartitionConsumer:
         Without this both would pass the line's lock (a repeated lock is a no-op) and be
         charged; the ledger would still commit only one (its buyers guard).
         """
-        seen: set[str] = set()
+        pids: dict[str, str] = {}  # user -> the purchase id kept
         keep, refused = [], []
         for req in reqs:
-            if req["user_id"] in seen:
+            kept = pids.get(req["user_id"])
+            if kept == req["pid"]:
+                continue  # the same request delivered twice: settled once, acked with it
+            if kept is not None:
                 refused.append((req, "rejected", "already_purchased"))
             else:
-                seen.add(req["user_id"])
+                pids[req["user_id"]] = req["pid"]
                 keep.append(req)
         return keep, refused
 
@@ -347,20 +356,21 @@ class PartitionConsumer:
                     released.append(req)
         return done, released
 
-    async def _settle_records(self, r: RedisClient, event_id: str,
+    async def _settle_records(self, r: RedisClient, ledger: Ledger, event_id: str,
                               outcomes: list[Outcome]) -> None:
-        """Record non-commit outcomes and publish all of them in one message, one trip."""
+        """Record non-commit outcomes (never over a commit) and publish them all at once."""
         if not outcomes:
             return
-        pipe = r.pipeline(transaction=False)
-        for req, status, reason in outcomes:
-            if status != "committed":  # committed records were written by the Lua commit
-                pipe.hset(keys.purchase(event_id, req["pid"]),
-                          mapping={"status": status, "reason": reason})
-        pipe.publish(keys.PURCHASE_CHANNEL, msgpack.packb([
+        others = [(i, o) for i, o in enumerate(outcomes) if o[1] != "committed"]
+        stored = await ledger.settle(event_id, [(q["pid"], s, why) for _, (q, s, why) in others])
+        outcomes = list(outcomes)
+        for (i, (req, status, _)), now in zip(others, stored):
+            if now == "committed":  # its twin committed it: that is the outcome
+                req["status"] = now
+                outcomes[i] = (req, now, "")
+        await r.publish(keys.PURCHASE_CHANNEL, msgpack.packb([
             {"purchase_id": req["pid"], "event_id": event_id, "user_id": req["user_id"],
              "status": status, "reason": reason} for req, status, reason in outcomes]))
-        await pipe.execute()
         for _, status, _ in outcomes:
             metrics.get("purchases").inc(tags={"outcome": status})
 

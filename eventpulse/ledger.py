@@ -80,13 +80,22 @@ return out
 """
 
 
-# KEYS: purchase record. ARGV: reason. Marks a request 'failed' unless it committed (a
-# dead-lettered request may have committed before the step that kept failing).
-_FAIL_LUA = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'committed' then return {status, redis.call('HGET', KEYS[1], 'tickets')} end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'reason', ARGV[1])
-return {'failed', ''}
+# KEYS: purchase records of one event. ARGV: status, reason per record. Records an
+# outcome other than a commit, unless the record has committed meanwhile (a duplicate
+# delivery racing its twin, or a dead-lettered request that had committed): a committed
+# record is never overwritten. Returns per record the status now stored.
+_SETTLE_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  local status = redis.call('HGET', KEYS[i], 'status')
+  if status == 'committed' then
+    out[i] = status
+  else
+    redis.call('HSET', KEYS[i], 'status', ARGV[2 * i - 1], 'reason', ARGV[2 * i])
+    out[i] = ARGV[2 * i - 1]
+  end
+end
+return out
 """
 
 
@@ -166,7 +175,7 @@ class Ledger:
     def __init__(self, r: RedisClient) -> None:
         self.r = r
         self._commit = r.register_script(_COMMIT_LUA)
-        self._fail = r.register_script(_FAIL_LUA)
+        self._settle = r.register_script(_SETTLE_LUA)
 
     async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None
                      ) -> list[tuple[str, list[str] | str]]:
@@ -198,11 +207,19 @@ class Ledger:
             out.append((status, detail.split(",") if status in ("committed", "duplicate") else detail))
         return out
 
-    async def fail(self, event_id: str, purchase_id: str, reason: str) -> list[str] | None:
-        """Settle a request as failed; if it had committed, keep it and return its tickets."""
-        status, tickets = await self._fail(keys=[keys.purchase(event_id, purchase_id)],
-                                           args=[reason])
-        return tickets.decode().split(",") if status == b"committed" else None
+    async def settle(self, event_id: str, outcomes: list[tuple[str, str, str]]) -> list[str]:
+        """Record (purchase_id, status, reason) outcomes other than commits, in one call.
+
+        A record that committed is left as it is; returns the status each record now has.
+        """
+        if not outcomes:
+            return []
+        args: list[str] = []
+        for _, status, reason in outcomes:
+            args += [status, reason]
+        raw = await self._settle(keys=[keys.purchase(event_id, pid) for pid, _, _ in outcomes],
+                                 args=args)
+        return [s.decode() for s in raw]
 
     async def index_tickets(self, event_id: str, ticket_ids: list[str]) -> set[str]:
         """Copy committed tickets to their owners' index and bump their cache stamps.
