@@ -175,12 +175,13 @@ def stop_ray(gcs_port: int, timeout: float = 20) -> int:
     Ray on the machine): those naming our GCS address, and their children."""
     import psutil
 
-    marker = f"127.0.0.1:{gcs_port}"
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or ())
-        if marker in cmdline and proc.pid != os.getpid():
-            roots.append(proc)
+    def ours(cmdline: list[str]) -> bool:
+        return any(t == f"--gcs_server_port={gcs_port}"
+                   or (t.startswith(("--gcs-address=", "--gcs_address=", "--address="))
+                       and t.endswith(f":{gcs_port}")) for t in cmdline)
+
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and ours(p.info.get("cmdline") or [])]
     victims = {p.pid: p for p in roots}
     for p in roots:
         try:
