@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import logging
 import os
 import pstats
 import shutil
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=200, help="--http: connections")
     p.add_argument("--profile", action="store_true", help="cProfile partition 0 in-process")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     workdir = Path(tempfile.mkdtemp(prefix="ep-pbench-"))
     redis_proc, redis_url = start_redis(workdir)

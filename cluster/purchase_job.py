@@ -254,7 +254,8 @@ class PartitionConsumer:
     async def _process_event(self, r: RedisClient, ledger: Ledger, event_id: str,
                              reqs: list[dict]) -> None:
         """Lock, charge, commit, settle and publish one event's requests."""
-        fresh, committed = await self._unsettled(r, event_id, reqs)
+        fresh, committed = await self._unsettled(ledger, event_id, reqs)
+        blobs: dict[str, tuple[str, bytes]] = {}  # tickets committed now: owner, record
         fresh, outcomes = self._one_per_user(fresh)
         queue = get_queue(event_id)
         # A replayed commit may have died before settling the line: settle it again
@@ -265,33 +266,35 @@ class PartitionConsumer:
             approved, declined = await self._charge(locked, outcomes)
             settle += [(q["user_id"], "declined") for q in declined]
             if approved:
-                done, released = await self._commit(ledger, event_id, approved, outcomes)
+                done, released = await self._commit(ledger, event_id, approved, outcomes, blobs)
                 committed += done
                 settle += [(q["user_id"], "committed") for q in done]
                 settle += [(q["user_id"], "declined") for q in released]
+        # Settling the line and indexing the buyers' tickets are independent: overlap them.
+        steps = []
         if settle:
-            await queue.finish_purchases.remote(settle)
+            steps.append(queue.finish_purchases.remote(settle))
         if committed:
-            await ledger.index_tickets(event_id, [t for q in committed for t in q["tickets"]])
+            steps.append(ledger.index_tickets(
+                event_id, [t for q in committed for t in q["tickets"]], blobs))
             outcomes += [(q, "committed", "") for q in committed]
+        await asyncio.gather(*steps)
         await self._settle_records(r, ledger, event_id, outcomes)
 
-    async def _unsettled(self, r: RedisClient, event_id: str, reqs: list[dict]
+    async def _unsettled(self, ledger: Ledger, event_id: str, reqs: list[dict]
                          ) -> tuple[list[dict], list[dict]]:
         """Split requests into fresh ones and ones committed already (crash before ack).
 
         Requests settled otherwise (declined, rejected, failed) are dropped: their outcome
         was recorded and published before.
         """
-        pipe = r.pipeline(transaction=False)
-        for req in reqs:
-            pipe.hmget(keys.purchase(event_id, req["pid"]), "status", "tickets")
         fresh, committed = [], []
-        for req, (status, tickets) in zip(reqs, await pipe.execute()):
-            if status == b"committed":
-                req["tickets"] = tickets.decode().split(",") if tickets else []
+        found = await ledger.statuses(event_id, [q["pid"] for q in reqs])
+        for req, (status, tickets) in zip(reqs, found):
+            if status == "committed":
+                req["tickets"] = tickets
                 committed.append(req)
-            elif status is None or status.decode() not in FINAL:
+            elif status is None or status not in FINAL:
                 fresh.append(req)
         return fresh, committed
 
@@ -342,11 +345,14 @@ class PartitionConsumer:
         return approved, declined
 
     @staticmethod
-    async def _commit(ledger: Ledger, event_id: str, reqs: list[dict],
-                      outcomes: list[Outcome]) -> tuple[list[dict], list[dict]]:
+    async def _commit(ledger: Ledger, event_id: str, reqs: list[dict], outcomes: list[Outcome],
+                      blobs: dict[str, tuple[str, bytes]]) -> tuple[list[dict], list[dict]]:
         """One Lua call; returns (committed, refused-whose-hold-goes-back)."""
-        done, released = [], []
-        for req, (status, detail) in zip(reqs, await ledger.commit(event_id, reqs)):
+        done, released, offered = [], [], {}
+        results = await ledger.commit(event_id, reqs, blobs_out=offered)
+        for req, (status, detail) in zip(reqs, results):
+            if status == "committed":  # what was offered is what is stored
+                blobs.update((t, offered[t]) for t in detail)
             if status in ("committed", "duplicate"):
                 req["tickets"] = detail
                 done.append(req)

@@ -99,6 +99,18 @@ return out
 """
 
 
+# KEYS: purchase records of one event. Returns per record {status or '', tickets or ''}:
+# one command for a whole batch instead of one HMGET per request.
+_STATUSES_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'status', 'tickets')
+  out[i] = {v[1] or '', v[2] or ''}
+end
+return out
+"""
+
+
 def new_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -176,14 +188,18 @@ class Ledger:
         self.r = r
         self._commit = r.register_script(_COMMIT_LUA)
         self._settle = r.register_script(_SETTLE_LUA)
+        self._statuses = r.register_script(_STATUSES_LUA)
 
-    async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None
+    async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None,
+                     blobs_out: dict[str, tuple[str, bytes]] | None = None
                      ) -> list[tuple[str, list[str] | str]]:
         """Commit purchases of one event in one Lua call.
 
         Each item: purchase_id, user_id, quantity, ticket_type, unit_price, payment_reference.
         Returns per item ('committed'|'duplicate', ticket ids) or ('rejected', reason).
-        The user-side index is written afterwards by `index_tickets`.
+        The user-side index is written afterwards by `index_tickets`; `blobs_out` collects
+        ticket id -> (owner, record) of the tickets offered to the script, so that step
+        need not read back what was just written (valid for items that 'committed').
         """
         now = time.time() if now is None else now
         keys_ = [keys.event(event_id), keys.sold(event_id), keys.capacity(event_id),
@@ -195,17 +211,28 @@ class Ledger:
             args += [it["user_id"], it["purchase_id"], qty, it["ticket_type"], qty]
             for seat in range(qty):
                 tid = f"{it['purchase_id']}-{seat + 1}"
-                args += [tid, pack_ticket({
+                blob = pack_ticket({
                     "id": tid, "event_id": event_id, "ticket_type": it["ticket_type"],
                     "user_id": it["user_id"], "status": "valid", "amount": it["unit_price"],
                     "payment_reference": it["payment_reference"], "purchase_id": it["purchase_id"],
-                    "purchased_at": now})]
+                    "purchased_at": now})
+                args += [tid, blob]
+                if blobs_out is not None:
+                    blobs_out[tid] = (it["user_id"], blob)
         raw = await self._commit(keys=keys_, args=args)
         out: list[tuple[str, list[str] | str]] = []
         for status, detail in raw:
             status, detail = status.decode(), detail.decode()
             out.append((status, detail.split(",") if status in ("committed", "duplicate") else detail))
         return out
+
+    async def statuses(self, event_id: str, purchase_ids: list[str]
+                       ) -> list[tuple[str | None, list[str]]]:
+        """(status or None, ticket ids) of many purchase records of one event, one call."""
+        if not purchase_ids:
+            return []
+        raw = await self._statuses(keys=[keys.purchase(event_id, p) for p in purchase_ids])
+        return [(s.decode() or None, t.decode().split(",") if t else []) for s, t in raw]
 
     async def settle(self, event_id: str, outcomes: list[tuple[str, str, str]]) -> list[str]:
         """Record (purchase_id, status, reason) outcomes other than commits, in one call.
@@ -221,7 +248,8 @@ class Ledger:
                                  args=args)
         return [s.decode() for s in raw]
 
-    async def index_tickets(self, event_id: str, ticket_ids: list[str]) -> set[str]:
+    async def index_tickets(self, event_id: str, ticket_ids: list[str],
+                            known: dict[str, tuple[str, bytes]] | None = None) -> set[str]:
         """Copy committed tickets to their owners' index and bump their cache stamps.
 
         Idempotent (HSET of the same record), so a crash between the commit and this step
@@ -229,11 +257,19 @@ class Ledger:
         """
         if not ticket_ids:
             return set()
-        blobs = await self.r.hmget(keys.event_tickets(event_id), ticket_ids)
         by_user: dict[str, dict[str, bytes]] = {}
-        for tid, blob in zip(ticket_ids, blobs):
-            if blob is not None:
-                by_user.setdefault(unpack_ticket(blob, event_id)["user_id"], {})[tid] = blob
+        known = known or {}
+        # Tickets this process just committed are known (owner, blob); others are read.
+        unknown = [tid for tid in ticket_ids if tid not in known]
+        for tid in ticket_ids:
+            if tid in known:
+                user, blob = known[tid]
+                by_user.setdefault(user, {})[tid] = blob
+        if unknown:
+            blobs = await self.r.hmget(keys.event_tickets(event_id), unknown)
+            for tid, blob in zip(unknown, blobs):
+                if blob is not None:
+                    by_user.setdefault(unpack_ticket(blob, event_id)["user_id"], {})[tid] = blob
         pipe = self.r.pipeline(transaction=False)
         for user, mapping in by_user.items():
             pipe.hset(keys.user_tickets(user), mapping=mapping)

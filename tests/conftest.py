@@ -118,7 +118,7 @@ def ray_session(app_env: dict[str, str], workdir: Path) -> Iterator[dict]:
     import ray
 
     metrics_port = free_port()
-    info = ray.init(namespace="eventpulse", num_cpus=4, include_dashboard=True,
+    info = ray.init(address="local", namespace="eventpulse", num_cpus=4, include_dashboard=True,
                     dashboard_port=free_port(), _metrics_export_port=metrics_port,
                     log_to_driver=False, logging_level="ERROR")
     yield {"info": info, "metrics_port": metrics_port,

@@ -143,6 +143,11 @@ def _known_metric_names() -> set[str]:
             known |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
         else:
             known.add(base)
+    # latency histograms aggregated in process and exported as _bucket/_sum/_count gauges
+    for source in [*ROOT.glob("serve/**/*.py"), *ROOT.glob("actors/**/*.py"), *ROOT.glob("cluster/**/*.py"),
+                   *ROOT.glob("eventpulse/**/*.py")]:
+        for name in re.findall(r'aggregate\.observe\(\s*"(eventpulse_[a-z0-9_]+)"', source.read_text(errors="replace")):
+            known |= {f"ray_{name}_bucket", f"ray_{name}_sum", f"ray_{name}_count"}
     # Ray Serve's own metrics, from the installed source
     import ray.serve
 

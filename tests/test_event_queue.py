@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from actors import store
+from actors.line import LineConfig, WaitingLine
 from actors.directory import actor_name, forget, get_queue, NAMESPACE
 from eventpulse import keys, ledger
 from eventpulse.errors import DecodeError, EventNotFound, EventPulseError, InvalidInput
@@ -125,6 +126,14 @@ async def test_snapshot_taken_during_writes_is_consistent(redis, queue_of):
 async def test_corrupt_journal_fails_closed_naming_the_event(redis, queue_of):
     eid = await new_event(redis)
     await redis.rpush(keys.journal(eid), b"\xc1\xffnot msgpack")
+    with pytest.raises(DecodeError, match=eid):
+        await queue_of(eid).ping.remote()
+
+
+async def test_corrupt_snapshot_fails_closed_naming_the_event(redis, queue_of):
+    eid = await new_event(redis)
+    good = store.encode_snapshot(0, WaitingLine(LineConfig(capacity={"general": 5})).to_snapshot())
+    await redis.set(keys.snapshot(eid), good[:-7] + b"\xc1" * 7)  # a torn write
     with pytest.raises(DecodeError, match=eid):
         await queue_of(eid).ping.remote()
 

@@ -247,8 +247,10 @@ async def test_killing_the_job_mid_batch_loses_and_duplicates_nothing(redis):
     for a in first:
         ray.kill(a, no_restart=True)
     del runs
-    pending_at_kill = sum((await redis.xpending(keys.purchase_stream(p), keys.PURCHASE_GROUP))
-                          ["pending"] for p in parts)
+    pending_at_kill = 0
+    for p in parts:
+        pending_at_kill += (await redis.xpending(keys.purchase_stream(p),
+                                                 keys.PURCHASE_GROUP))["pending"]
     assert done < len(reqs), "killed too late to be mid-run"
     second = [ConsumerActor.remote(p, overrides) for p in parts]
     runs = [a.run.remote() for a in second]

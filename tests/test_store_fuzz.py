@@ -19,7 +19,7 @@ from eventpulse.errors import DecodeError
 EVENT = "ev-fuzz-1"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-2**64, max_value=2**64)
+scalars = (st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1)
            | st.floats(allow_nan=True) | st.text(max_size=8) | st.binary(max_size=16))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(st.text(max_size=6) | st.integers(-3, 3), inner, max_size=4),
