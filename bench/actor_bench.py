@@ -120,7 +120,7 @@ def main() -> None:
     import ray
 
     time.sleep(0.3)
-    ray.init(namespace="eventpulse", include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", namespace="eventpulse", include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     try:
         asyncio.run(main_async(args))
