@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         64 * 1024, description="Bodies above this are refused with 413; no route needs more."
     )
 
+    body_timeout_s: float = Field(
+        10.0, description="A request body must arrive within this long, else 408: a client "
+        "dribbling its body must not hold a handler (routes take bodies of a few hundred bytes).")
+
     max_in_flight: int = Field(
         2000, description="Requests one replica works on at once before answering 503; "
         "past this, queueing only adds latency.")

@@ -45,7 +45,8 @@ async def readyz() -> dict:
 # Guard outermost (cheap refusals first), then gzip for larger bodies.
 api.add_middleware(GZipMiddleware, minimum_size=1024)
 api.add_middleware(Guard, max_body=get_settings().max_body_bytes,
-                   max_in_flight=get_settings().max_in_flight)
+                   max_in_flight=get_settings().max_in_flight,
+                   body_timeout_s=get_settings().body_timeout_s)
 
 
 # max_ongoing_requests is high because handlers mostly await Redis or an actor and SSE

@@ -15,7 +15,7 @@ from eventpulse.errors import EventPulseError
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "invalid_input", 429: "rate_limited",
                503: "unavailable"}
 
@@ -60,6 +60,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not even text: same code as bad JSON.
+            return error_response(400, "malformed_json", "the request body is not valid JSON")
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), message)
 
     @app.exception_handler(Exception)

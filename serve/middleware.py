@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from eventpulse import metrics
@@ -15,8 +16,22 @@ class Guard:
     """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
     requests in flight, so latency does not pile up; records per-route metrics."""
 
-    def __init__(self, app, max_body: int, max_in_flight: int) -> None:
+    def __init__(self, app, max_body: int, max_in_flight: int, body_timeout_s: float = 10.0) -> None:
         self.app, self.max_body, self.max_in_flight = app, max_body, max_in_flight
+        self.body_timeout_s = body_timeout_s
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The request body, or None past `max_body` (chunked uploads carry no length)."""
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_body:
+                return None
+        return body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -34,15 +49,19 @@ class Guard:
             if too_big:
                 return await error_response(413, "payload_too_large",
                                             f"body above {self.max_body} bytes")(scope, receive, send)
-        elif scope["method"] in ("POST", "PUT", "PATCH"):
-            body, more = b"", True
-            while more:  # chunked upload: read it under the limit before routing
-                msg = await receive()
-                body += msg.get("body", b"")
-                more = msg.get("more_body", False)
-                if len(body) > self.max_body:
-                    return await error_response(413, "payload_too_large",
-                                                f"body above {self.max_body} bytes")(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            # Read the whole (small) body before routing, under the size limit and a
+            # deadline: a client that sends headers and then dribbles its body is cut
+            # with 408 instead of holding a handler for as long as it likes.
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                return await error_response(408, "request_timeout",
+                                            f"body not received within {self.body_timeout_s:g} s"
+                                            )(scope, receive, send)
+            if body is None:
+                return await error_response(413, "payload_too_large",
+                                            f"body above {self.max_body} bytes")(scope, receive, send)
             sent = False
 
             async def receive():  # noqa: F811 — replay the buffered body once

@@ -161,7 +161,16 @@ async def check_invariants(redis, load: Load, capacity: int) -> dict[str, Any]:
         and len(positions) == stats["waiting"],
     }
     assert not lost_joins, f"acknowledged joins lost: {lost_joins[:5]}"
-    assert not lost_purchases, f"accepted purchases lost: {lost_purchases[:5]}"
+    if lost_purchases:  # say where they are stuck
+        pending = {}
+        for part in range(8):
+            try:
+                pending[part] = await redis.xpending(keys.purchase_stream(part), keys.PURCHASE_GROUP)
+            except Exception as e:  # noqa: BLE001
+                pending[part] = repr(e)
+        dead = {part: await redis.xlen(keys.dead_letter_stream(part)) for part in range(8)}
+        raise AssertionError(f"accepted purchases lost: {[(p, outcomes[p]) for p in lost_purchases[:5]]}; "
+                             f"pending {pending}; dead letters {dead}")
     assert not facts["duplicated_tickets"], facts["duplicated_tickets"][:5]
     assert not facts["committed_without_tickets"]
     assert sold <= capacity and sold == len(tickets), (sold, capacity, len(tickets))

@@ -21,6 +21,7 @@ from tests.reliability import record
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.usefixtures("purchase_job")]
 
 CAPACITY = 40
+RUNS: list = []  # the restarted consumers' run() calls, kept for the session
 
 
 def describe(load: Load, start: float, end: float) -> tuple[str, str]:
@@ -69,7 +70,6 @@ async def test_event_actor_killed_under_load_recovers_its_line(http, auth_header
     await load.until_ok(30, since=fault_end)
     await load.stop()
     after = [x for x in load.samples if x[0] >= fault_end]
-    print("DEBUG", fault_at, fault_end, [(round(x[0]-fault_at,2), x[1], x[2], round(x[3],2)) for x in load.samples if fault_at - 1 < x[0] + x[3] and x[0] < fault_end + 1])
     facts = await check_invariants(redis, load, CAPACITY)
     during = load.window(fault_at, fault_end)
     errors = load.errors(during)
@@ -85,7 +85,7 @@ async def test_event_actor_killed_under_load_recovers_its_line(http, auth_header
 
 
 async def test_serve_replica_killed_under_load_keeps_answering(http, auth_headers, make_event,
-                                                               redis, serve_url):
+                                                               redis, serve_url, ray_session):
     from ray import serve
     from ray.util.state import list_actors
 
@@ -98,7 +98,9 @@ async def test_serve_replica_killed_under_load_keeps_answering(http, auth_header
         load = Load(http, auth_headers, event["id"])
         load.start()
         await load.until_ok(60)
-        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        dashboard = "http://" + ray_session["info"].dashboard_url
+        replicas = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")],
+                                           limit=1000)
                     if "ServeReplica" in (a.class_name or "") and "Ingress" in (a.class_name or "")]
         assert len(replicas) == 2, replicas
         fault_at = time.monotonic()
@@ -133,9 +135,9 @@ async def test_purchase_job_killed_mid_batch_reclaims_its_work(http, auth_header
     fault_at = time.monotonic()
     for consumer in purchase_job:  # every partition: whatever batch is in flight dies
         ray.kill(consumer, no_restart=False)
-    await asyncio.sleep(2)
-    for consumer in purchase_job:  # the restarted actors resume (as `ray job` would rerun)
-        consumer.run.remote()
+    for consumer in purchase_job:  # restarted by Ray; resume consuming, as a rerun job would
+        await asyncio.wait_for(consumer.stats.remote(), 120)
+        RUNS.append(consumer.run.remote())
     fault_end = time.monotonic()
     await load.until_ok(60, since=fault_end)
     await load.stop()
