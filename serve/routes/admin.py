@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -61,7 +62,7 @@ async def deployment_stats(p: User) -> dict:
     rt = get_runtime()
     if time.monotonic() - _replicas["at"] > 5:
         _replicas["at"] = time.monotonic()
-        _replicas["value"] = await _replica_count()
+        _replicas["value"] = await asyncio.to_thread(_replica_count)
     return json({**rt.stats(), "replicas": _replicas["value"],
                  "cache_hit_rate": _hit_rate(rt)})
 
@@ -72,7 +73,8 @@ def _hit_rate(rt) -> float | None:
     return round(hits / total, 4) if total else None
 
 
-async def _replica_count() -> int | None:
+def _replica_count() -> int | None:
+    """Replicas of the deployment (a blocking controller call: run it off the loop)."""
     try:
         from ray import serve
         status = serve.status()
