@@ -43,6 +43,19 @@ def lost_text(facts: dict) -> str:
             f"no duplicate ticket, positions 1..n exact")
 
 
+async def alive(actor, timeout: float = 120) -> None:
+    """Wait until a restarting actor answers (calls during the restart fail, no retries)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await actor.stats.remote()
+            return
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def ready(http, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,7 +149,7 @@ async def test_purchase_job_killed_mid_batch_reclaims_its_work(http, auth_header
     for consumer in purchase_job:  # every partition: whatever batch is in flight dies
         ray.kill(consumer, no_restart=False)
     for consumer in purchase_job:  # restarted by Ray; resume consuming, as a rerun job would
-        await asyncio.wait_for(consumer.stats.remote(), 120)
+        await alive(consumer)
         RUNS.append(consumer.run.remote())
     fault_end = time.monotonic()
     await load.until_ok(60, since=fault_end)
