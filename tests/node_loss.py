@@ -1,0 +1,90 @@
+"""Driven by tests/test_faults_node.py in its own process (the session has a ray.init()).
+
+Starts a 2-node Ray cluster on this machine (head + a worker advertising a custom
+resource), places a hot event's actor on the worker, fills its line, removes the worker
+node and checks that Ray recreated the actor on the head with its line intact (from
+Redis). Prints one JSON line with what it measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+
+async def scenario(cluster, worker) -> dict:
+    import ray
+
+    from actors.directory import get_queue
+    from eventpulse import ledger
+    from eventpulse.redis import create_client
+
+    r = create_client()
+    users = [f"n{i:04d}" for i in range(200)]
+    lines = {}
+    for _ in range(6):  # SPREAD places event actors across both nodes
+        doc = await ledger.create_event(r, {
+            "name": "node loss", "description": "", "location": "", "event_date": "2027-01-01",
+            "price": 1.0, "total_tickets": 5, "max_per_user": 1, "organizer_id": "o",
+            "ticket_types": [{"name": "general", "price": 1.0, "quantity": 5}]})
+        q = get_queue(doc["id"])
+        for i in range(0, len(users), 50):
+            await q.join_many.remote([(u, 1, None, None) for u in users[i:i + 50]])
+        lines[doc["id"]] = await q.view_many.remote(users, False)
+    on_worker = [eid for eid in lines if _actor_node(eid) == worker.node_id]
+    lost_at = time.monotonic()
+    cluster.remove_node(worker, allow_graceful=False)
+    same, moved = [], []
+    for eid in on_worker:
+        after = None
+        while time.monotonic() - lost_at < 120:
+            try:
+                after = await asyncio.wait_for(get_queue(eid).view_many.remote(users, False), 30)
+                break
+            except (ray.exceptions.RayError, asyncio.TimeoutError):
+                await asyncio.sleep(0.5)
+        same.append(after == lines[eid])
+        moved.append(_actor_node(eid) == cluster.head_node.node_id)
+    recovered_s = time.monotonic() - lost_at
+    await r.aclose()
+    return {"events": len(lines), "on_worker": len(on_worker), "all_moved": all(moved),
+            "all_same_line": all(same), "recovered_s": round(recovered_s, 1),
+            "users": len(users)}
+
+
+def _actor_node(event_id: str) -> str | None:
+    import ray.util.state
+
+    from actors.directory import actor_name
+
+    for a in ray.util.state.list_actors(filters=[("name", "=", actor_name(event_id))],
+                                        address=os.environ["EP_DASHBOARD"], limit=10):
+        if a.state == "ALIVE":
+            return a.node_id
+    return None
+
+
+def main() -> int:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": int(sys.argv[1])})
+    worker = cluster.add_node(num_cpus=1, resources={"ep_worker": 1})
+    ray.init(address=cluster.address, namespace="eventpulse", log_to_driver=False,
+             logging_level="ERROR")
+    cluster.wait_for_nodes()
+    os.environ["EP_DASHBOARD"] = f"http://127.0.0.1:{sys.argv[1]}"
+    try:
+        print(json.dumps(asyncio.run(scenario(cluster, worker))), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
