@@ -119,6 +119,11 @@ class PartitionConsumer:
                 raise
             except Exception as e:  # noqa: BLE001 — Redis or actor trouble: back off, go on
                 log.warning("partition %d: %s", self.partition, e)
+                if "NOGROUP" in str(e):  # a Redis that lost the stream: start it anew
+                    try:
+                        await self.ensure_group(r)
+                    except Exception:  # noqa: BLE001
+                        pass
                 await asyncio.sleep(0.5)
         return self.processed
 

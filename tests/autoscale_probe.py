@@ -57,6 +57,11 @@ def main() -> None:
     os.environ.update({"EVENTPULSE_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
                        "EVENTPULSE_DATA_DIR": tmp, "EVENTPULSE_TOKEN_SECRET": secret,
                        "RAY_USAGE_STATS_ENABLED": "0"})
+    from pathlib import Path
+
+    from cluster.launcher import haproxy_env
+
+    os.environ.update(haproxy_env(Path(tmp)))  # never share HAProxy ports with another Ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

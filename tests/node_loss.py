@@ -1,9 +1,9 @@
 """Driven by tests/test_faults_node.py in its own process (the session has a ray.init()).
 
-Starts a 2-node Ray cluster on this machine (head + a worker advertising a custom
-resource), places a hot event's actor on the worker, fills its line, removes the worker
-node and checks that Ray recreated the actor on the head with its line intact (from
-Redis). Prints one JSON line with what it measured.
+Starts a 2-node Ray cluster on this machine (head + one worker), creates a few events
+whose actors SPREAD over both nodes, fills their lines, removes the worker node and checks
+that Ray recreated the worker's actors (only the head is left) with their lines intact,
+rebuilt from Redis. Prints one JSON line with what it measured.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ async def scenario(cluster, worker) -> dict:
     on_worker = [eid for eid in lines if _actor_node(eid) == worker.node_id]
     lost_at = time.monotonic()
     cluster.remove_node(worker, allow_graceful=False)
-    same, moved = [], []
+    same = []
     for eid in on_worker:
         after = None
         while time.monotonic() - lost_at < 120:
@@ -47,10 +47,9 @@ async def scenario(cluster, worker) -> dict:
             except (ray.exceptions.RayError, asyncio.TimeoutError):
                 await asyncio.sleep(0.5)
         same.append(after == lines[eid])
-        moved.append(_actor_node(eid) == cluster.head_node.node_id)
     recovered_s = time.monotonic() - lost_at
     await r.aclose()
-    return {"events": len(lines), "on_worker": len(on_worker), "all_moved": all(moved),
+    return {"events": len(lines), "on_worker": len(on_worker), 
             "all_same_line": all(same), "recovered_s": round(recovered_s, 1),
             "users": len(users)}
 

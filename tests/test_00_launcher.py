@@ -5,6 +5,7 @@ Runs first (file name) so the full `up` starts its own Ray before the session's 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -84,7 +85,6 @@ def test_up_reports_ray_that_cannot_start_and_down_cleans_up(tmp_path):
 def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
     port = free_port()
     env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)}
-    before = {p.pid for p in psutil.process_iter()}
     try:
         out = run(["up", "--demo"], env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -98,13 +98,26 @@ def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
         assert any(j.get("submission_id", "").startswith("eventpulse-purchase-job") for j in jobs)
         status = run(["status"], env)
         assert status.returncode == 0 and "up" in status.stderr + status.stdout
+        state = json.loads((tmp_path / "launcher.json").read_text())
     finally:
         down = run(["down"], env, timeout=300)
     assert down.returncode == 0, down.stderr
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-                 and p.info["cmdline"] and any(w in " ".join(p.info["cmdline"])
-                                               for w in ("ray", "redis-server", "haproxy"))]
-    assert leftovers == [], [p.info["cmdline"][:3] for p in leftovers]
+    # Nothing of this instance is left: its Redis, every process of its Ray (named by
+    # its GCS port, and their children) and its HAProxy. Other Rays on the machine are
+    # not ours to judge.
+    assert not psutil.pid_exists(state["redis_pid"])
+    gcs = state["gcs_port"]
+    leftovers = [p.info["cmdline"][:2] for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and any(
+                     t == f"--gcs_server_port={gcs}" or (t.startswith("--gcs-address=")
+                                                         and t.endswith(f":{gcs}"))
+                     for t in p.info["cmdline"])]
+    assert leftovers == []
+    from cluster.launcher import _haproxy_base
+
+    base = _haproxy_base(tmp_path).name
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if base in " ".join(p.info["cmdline"] or ())]
 
 
 def _ray_auth() -> dict:
