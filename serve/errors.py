@@ -67,15 +67,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        # Actor or Redis trouble surfaces here: tell the client to retry, log the cause.
-        log.exception("unhandled error: %s", type(exc).__name__)
-        from redis.exceptions import RedisError
+        return unexpected(exc)
 
-        if isinstance(exc, (RedisError, OSError)):
-            from eventpulse import metrics
 
-            metrics.aggregate.count("redis_errors", ())
-        return error_response(503, "unavailable", "temporarily unavailable, retry shortly", 1)
+def unexpected(exc: Exception) -> Response:
+    """Actor or Redis trouble: tell the client to retry (503), log the cause."""
+    log.error("unhandled error: %s: %s", type(exc).__name__, exc)
+    from redis.exceptions import RedisError
+
+    if isinstance(exc, (RedisError, OSError)):
+        from eventpulse import metrics
+
+        metrics.aggregate.count("redis_errors", ())
+    return error_response(503, "unavailable", "temporarily unavailable, retry shortly", 1)
 
 
 def _envelope_doc(description: str) -> dict:

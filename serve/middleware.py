@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from eventpulse import metrics
+from serve import fastpath
 from serve.errors import error_response
 from serve.runtime import get_runtime
 
@@ -83,6 +84,7 @@ class Guard:
                 status = message["status"]
             await send(message)
 
+        fast = fastpath.match(scope["method"], path, scope.get("query_string", b""))
         counted = not streaming
         if counted:
             rt.in_flight += 1
@@ -90,14 +92,18 @@ class Guard:
             rt.sse_open += 1
         rt.requests += 1
         try:
-            await self.app(scope, receive, send_wrapped)
+            if fast is None:
+                await self.app(scope, receive, send_wrapped)
+            else:
+                response = await fastpath.answer(fast[0], fast[1], fast[2], headers)
+                await response(scope, receive, send_wrapped)
         finally:
             if counted:
                 rt.in_flight -= 1
             else:
                 rt.sse_open -= 1
-            route = scope.get("route")
-            tags = (("route", getattr(route, "path", "unmatched")), ("method", scope["method"]))
+            name = fast[0] if fast is not None else getattr(scope.get("route"), "path", "unmatched")
+            tags = (("route", name), ("method", scope["method"]))
             metrics.aggregate.count("http_requests", tags + (("status", str(status)),))
             if not streaming:
                 metrics.aggregate.observe("eventpulse_http_request_duration_seconds", tags,
