@@ -9,6 +9,7 @@ users saw during a fault window; `check_invariants` then proves nothing was lost
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -43,8 +44,11 @@ class Load:
             async with self.http.request(method, path, headers={**self.auth_headers(user),
                                                                 **kw.pop("headers", {})},
                                          timeout=aiohttp.ClientTimeout(total=20), **kw) as r:
-                body = await r.json(content_type=None) if r.status != 204 else None
-                status = r.status
+                status, raw = r.status, await r.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:  # a proxy's own error page
+                body = None
         except (aiohttp.ClientError, asyncio.TimeoutError):
             status, body = 599, None  # connection refused/reset or timed out
         self.samples.append((started, kind, status, time.monotonic() - started))

@@ -163,6 +163,40 @@ async def test_purchase_job_killed_mid_batch_reclaims_its_work(http, auth_header
            load=load_text, saw=saw, lost=lost_text(facts), seconds=time.monotonic() - started)
 
 
+async def test_purchase_claimed_by_a_dead_replica_is_not_acknowledged_until_taken_over(
+        http, auth_headers, make_event, redis):
+    """A replica that died between claiming an Idempotency-Key and recording the purchase
+    left a claim with no purchase behind it: a retry must not get 202 for it (found by the
+    replica-kill test), but 503 while the claim is fresh and a real purchase once stale."""
+    import hashlib
+    import uuid
+
+    import msgpack
+
+    from eventpulse import keys
+    from serve.schemas import PurchaseIn
+
+    event = await make_event(total_tickets=2, max_per_user=1)
+    eid, user, key = event["id"], f"claim-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    async with http.post(f"/api/events/{eid}/queue", json={"quantity": 1},
+                         headers=auth_headers(user)) as r:
+        assert r.status == 200 and (await r.json())["status"] == "offered"
+    body = {"quantity": 1, "payment_reference": "test_ok_claim"}
+    digest = hashlib.blake2b(PurchaseIn(**body).model_dump_json().encode(),
+                             digest_size=12).hexdigest()
+    idem = keys.idempotency(eid, f"{user}:{key}")
+    headers = {**auth_headers(user), "Idempotency-Key": key}
+    await redis.set(idem, msgpack.packb({"pid": "deadreplica01", "h": digest, "t": time.time()}))
+    async with http.post(f"/api/events/{eid}/purchases", json=body, headers=headers) as r:
+        assert r.status == 503 and r.headers["Retry-After"]
+    await redis.set(idem, msgpack.packb({"pid": "deadreplica01", "h": digest,
+                                         "t": time.time() - 60}))
+    async with http.post(f"/api/events/{eid}/purchases?wait=10", json=body, headers=headers) as r:
+        assert r.status in (201, 202), await r.text()
+        pid = (await r.json())["purchase_id"]
+    assert pid != "deadreplica01" and await redis.exists(keys.purchase(eid, pid))
+
+
 async def test_zz_redis_restart_answers_503_then_recovers(http, auth_headers, make_event, redis,
                                                           redis_server):
     """Runs last in this module: the session's Redis goes away for a few seconds."""

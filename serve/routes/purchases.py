@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import zlib
 from typing import Annotated, Any
 
@@ -29,6 +30,13 @@ from serve.schemas import Purchase, PurchaseIn
 router = APIRouter(tags=["purchases"], responses=ERRORS)
 User = Annotated[Principal, Depends(principal)]
 IDEMPOTENCY_TTL_S = 7 * 24 * 3600
+CLAIM_GRACE_S = 15.0  # far above the milliseconds between claiming a key and recording it
+_TAKE_OVER_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return false
+"""
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
 
 _REASONS = {"already_purchased": AlreadyPurchased, "sold_out": SoldOut, "payment_declined": PaymentDeclined,
@@ -75,13 +83,23 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
     digest = hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
     idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
     pid = ledger.new_id()
-    claimed = await r.set(idem_key, msgpack.packb({"pid": pid, "h": digest}), nx=True,
-                          ex=IDEMPOTENCY_TTL_S)
+    claim = msgpack.packb({"pid": pid, "h": digest, "t": time.time()})
+    claimed = await r.set(idem_key, claim, nx=True, ex=IDEMPOTENCY_TTL_S)
     if not claimed:
-        prior = msgpack.unpackb(await r.get(idem_key) or msgpack.packb({}), raw=False)
+        raw = await r.get(idem_key) or msgpack.packb({})
+        prior = msgpack.unpackb(raw, raw=False)
         if prior.get("h") != digest:
             raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
-        return await _await_outcome(event_id, prior["pid"], wait)
+        if await r.exists(keys.purchase(event_id, prior["pid"])):
+            return await _await_outcome(event_id, prior["pid"], wait)
+        # Claimed but never recorded: the claiming request is still being accepted, or it
+        # died between the two steps (a replica lost). Answering 202 for it would
+        # acknowledge a purchase nobody will commit, so retry later, or take an abandoned
+        # claim over.
+        if time.time() - prior.get("t", 0) < CLAIM_GRACE_S or not await r.eval(
+                _TAKE_OVER_LUA, 1, idem_key, raw, claim, IDEMPOTENCY_TTL_S):
+            raise Busy("a request with this Idempotency-Key is still being accepted; "
+                       "retry shortly", retry_after=1)
     try:
         view = await rt.entry(event_id, p.user_id)
         if view is None or view["status"] != "offered" or view["offer"] is None:
