@@ -421,7 +421,23 @@ def main() -> None:
                                     runtime_env={"env_vars": env} if env else None).remote(p)
               for p in range(settings.purchase_partitions)]
     log.info("purchase job: %d partition consumers running", len(actors))
-    ray.get([a.run.remote() for a in actors])
+    supervise(actors)
+
+
+def supervise(actors: list, poll_s: float = 1.0) -> None:
+    """Keep every consumer consuming: Ray restarts a dead consumer actor (max_restarts=-1)
+    but not its `run` call, so a finished or failed `run` is started again."""
+    running = {a.run.remote(): a for a in actors}
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+        for ref in done:
+            actor = running.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("a consumer stopped (%s); starting it again", type(e).__name__)
+                time.sleep(poll_s)
+            running[actor.run.remote()] = actor
 
 
 if __name__ == "__main__":

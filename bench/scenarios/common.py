@@ -51,7 +51,7 @@ async def admin_queue(ctx: Any, event_id: str, **patch: Any) -> Response:
 
 async def availability(ctx: Any, event_id: str, *, route: str = "availability") -> dict | None:
     r = await ctx.control.call("GET", f"/api/events/{event_id}/availability", route,
-                               budgeted=False)
+                               headers=ctx.organizer_headers(), budgeted=False)
     return r.body if r.ok and isinstance(r.body, dict) else None
 
 
