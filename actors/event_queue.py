@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -71,6 +72,7 @@ class EventQueue:
         self.settings = get_settings()
         self.line: WaitingLine | None = None
         self._load_lock = asyncio.Lock()
+        self._snapshot_lock = asyncio.Lock()
         self._pending: list[dict[str, Any]] = []
         self._waiters: list[asyncio.Future] = []
         self._next_number = 0  # number of the next fact to be journaled
@@ -165,6 +167,12 @@ class EventQueue:
                 await self._snapshot(r)
 
     async def _snapshot(self, r) -> None:
+        # One snapshot at a time: the flusher's periodic one and `snapshot_now` may meet,
+        # and each trims the journal records the other already dropped.
+        async with self._snapshot_lock:
+            await self._snapshot_locked(r)
+
+    async def _snapshot_locked(self, r) -> None:
         assert self.line is not None
         started = time.perf_counter()
         # Everything applied so far is in the snapshot, including facts still pending.
@@ -304,3 +312,8 @@ class EventQueue:
     async def ping(self) -> bool:
         await self._ready()
         return True
+
+    async def incarnation(self) -> int:
+        """The serving process's id, once the line is loaded (tells a restart apart)."""
+        await self._ready()
+        return os.getpid()
