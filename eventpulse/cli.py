@@ -90,7 +90,9 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
             with step("Ray head started"):
                 state.gcs_port = L.start_ray(env, s.data_dir)
             state.ray_started = True
-            state.ray_address = f"127.0.0.1:{state.gcs_port}"
+            from ray._private.services import get_node_ip_address
+
+            state.ray_address = f"{get_node_ip_address()}:{state.gcs_port}"
         state.save()
         dashboard = f"http://127.0.0.1:{L.DASHBOARD_PORT}"
         with step("Serve application deployed"):
