@@ -88,16 +88,19 @@ async def stream(event_id: str, p: User):
 @router.delete("/api/events/{event_id}/queue/me", response_model=Entry)
 async def leave(event_id: str, p: User):
     """Leave the line (an offer held is passed on at once)."""
-    await get_runtime().event(event_id)
-    view = await direct(event_id, "leave", p.user_id)
-    get_runtime().availability.invalidate(event_id)
-    return json(shaped(event_id, view))
+    return await _change_mine(event_id, p.user_id, "leave")
 
 
 @router.post("/api/events/{event_id}/queue/me/release", response_model=Entry)
 async def release(event_id: str, p: User):
     """Decline my offer; its seats go to the next person at once."""
-    await get_runtime().event(event_id)
-    view = await direct(event_id, "release", p.user_id)
-    get_runtime().availability.invalidate(event_id)
+    return await _change_mine(event_id, p.user_id, "release")
+
+
+async def _change_mine(event_id: str, user_id: str, method: str):
+    """One actor call that changes the caller's entry; availability changes with it."""
+    rt = get_runtime()
+    await rt.event(event_id)
+    view = await direct(event_id, method, user_id)
+    rt.availability.invalidate(event_id)
     return json(shaped(event_id, view))
