@@ -72,7 +72,7 @@ class EventOut(BaseModel):
     offer_minutes: float
     sale_opens_at: str | None = None
     ticket_types: list[TicketTypeOut]
-    organizer_id: str
+    organizer_id: str | None = None  # events seeded straight into Redis may have none
     state: str
     created_at: float
 

@@ -91,6 +91,10 @@ def consumer(partition: int, **overrides) -> PartitionConsumer:
 async def fresh_partition(r, partition: int) -> None:
     await r.delete(keys.purchase_stream(partition), keys.dead_letter_stream(partition),
                    keys.purchase_errors(partition))
+    # The group exists before any consumer starts, as it does for a running job; a
+    # consumer that starts late then finds it (BUSYGROUP) and reads from the start.
+    await r.xgroup_create(keys.purchase_stream(partition), keys.PURCHASE_GROUP, id="0",
+                          mkstream=True)
 
 
 async def check_ledger(r, event_id: str, caps: dict[str, int]) -> dict[str, int]:
