@@ -404,9 +404,24 @@ class ConsumerActor:
         if overrides:
             settings = settings.model_copy(update=overrides)
         self.consumer = PartitionConsumer(partition, settings)
+        self._task: asyncio.Task | None = None
+
+    async def ensure_running(self) -> bool:
+        """Start consuming unless already consuming; True if it started now.
+
+        Ray restarts a dead consumer actor (max_restarts=-1) but not the call that was
+        running in it, so a supervisor calls this periodically (`keep_running`).
+        """
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.consumer.run())
+            return True
+        return False
 
     async def run(self) -> int:
-        return await self.consumer.run()
+        """Consume until stopped (one loop per actor, however often it is called)."""
+        await self.ensure_running()
+        assert self._task is not None
+        return await asyncio.shield(self._task)
 
     async def stats(self) -> dict[str, Any]:
         return self.consumer.stats()
@@ -421,23 +436,23 @@ def main() -> None:
                                     runtime_env={"env_vars": env} if env else None).remote(p)
               for p in range(settings.purchase_partitions)]
     log.info("purchase job: %d partition consumers running", len(actors))
-    supervise(actors)
+    keep_running(actors)
 
 
-def supervise(actors: list, poll_s: float = 1.0) -> None:
-    """Keep every consumer consuming: Ray restarts a dead consumer actor (max_restarts=-1)
-    but not its `run` call, so a finished or failed `run` is started again."""
-    running = {a.run.remote(): a for a in actors}
-    while running:
-        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-        for ref in done:
-            actor = running.pop(ref)
+def keep_running(actors: list, poll_s: float = 1.0, stop: Any = None) -> None:
+    """Keep every consumer consuming until `stop` (a threading.Event) is set.
+
+    A consumer that died is restarted by Ray; this restarts its loop. Calls to an actor
+    that is restarting fail for a moment and are simply tried again on the next round.
+    """
+    while stop is None or not stop.is_set():
+        for actor in actors:
             try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                log.warning("a consumer stopped (%s); starting it again", type(e).__name__)
-                time.sleep(poll_s)
-            running[actor.run.remote()] = actor
+                if ray.get(actor.ensure_running.remote(), timeout=30):
+                    log.info("a consumer (re)started consuming")
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                log.warning("consumer not answering (%s); trying again", type(e).__name__)
+        time.sleep(poll_s)
 
 
 if __name__ == "__main__":

@@ -174,12 +174,22 @@ def purchase_job(serve_url: str) -> Iterator[list]:
     from cluster.purchase_job import ConsumerActor
     from eventpulse.settings import get_settings
 
+    import threading
+
+    from cluster.purchase_job import keep_running
+
     actors = [ConsumerActor.remote(p) for p in range(get_settings().purchase_partitions)]
-    runs = [a.run.remote() for a in actors]
+    ray.get([a.ensure_running.remote() for a in actors])
+    # As the job's driver does: a consumer killed by a test is restarted by Ray, and this
+    # restarts its loop, so later tests still have their purchases committed.
+    stop = threading.Event()
+    keeper = threading.Thread(target=keep_running, args=(actors, 0.5, stop), daemon=True)
+    keeper.start()
     yield actors
+    stop.set()
+    keeper.join(timeout=40)
     for a in actors:
         ray.kill(a, no_restart=True)
-    del runs
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,14 @@ def event_doc(body: EventIn, organizer_id: str) -> dict:
     return doc
 
 
+# What a stored event answers with when a field was never written (events seeded
+# straight into Redis by tools), so every answer has the documented shape.
+_DEFAULTS = {"description": "", "location": "", "max_per_user": 4, "offer_minutes": 30,
+             "sale_opens_at": None, "organizer_id": None, "state": "on_sale", "created_at": 0.0}
+
+
 def public(doc: dict) -> dict:
-    return {k: v for k, v in doc.items() if k not in ("sale_opens_at_ts", "queue")}
+    return {**_DEFAULTS, **{k: v for k, v in doc.items() if k not in ("sale_opens_at_ts", "queue")}}
 
 
 @router.post("", status_code=201, response_model=EventOut)
