@@ -258,7 +258,3 @@ def wait_http(url: str, timeout: float) -> None:
             return False
 
     _wait(ok, timeout, url, interval=0.5)
-
-
-def tmp_state_dir() -> Path:
-    return Path(tempfile.gettempdir())

@@ -24,6 +24,7 @@ ROLES = ("user", "organizer", "admin")
 class Principal:
     user_id: str
     roles: frozenset[str]
+    expires_at: float = float("inf")  # the token's `exp`: how long a verification holds
 
     @property
     def is_admin(self) -> bool:
@@ -72,4 +73,4 @@ def verify_token(token: str, *, secret: str) -> Principal:
     roles = claims.get("roles", [])
     if not isinstance(sub, str) or not sub or len(sub) > 128 or not isinstance(roles, list):
         raise Unauthorized("invalid token claims")
-    return Principal(sub, frozenset(r for r in roles if r in ROLES))
+    return Principal(sub, frozenset(r for r in roles if r in ROLES), float(claims["exp"]))

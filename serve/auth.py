@@ -37,9 +37,7 @@ def authenticate(token: str) -> Principal:
     if hit is not None and hit[1] > now:
         return hit[0]
     principal = verify_token(token, secret=_get_secret())
-    import jwt  # claims are trusted now; read exp for the cache lifetime
-    exp = float(jwt.decode(token, options={"verify_signature": False}).get("exp", now))
-    _verified[token] = (principal, min(exp, now + 300))
+    _verified[token] = (principal, min(principal.expires_at, now + 300))
     if len(_verified) > _CACHE_SIZE:
         _verified.popitem(last=False)
     return principal

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import msgpack
-import orjson
 
 from eventpulse import keys, ledger, metrics
 from eventpulse.errors import EventNotFound
@@ -160,10 +159,6 @@ class Runtime:
             "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},
             "cache": {c.kind: c.stats() for c in (self.events, self.availability, self.tickets)},
         }
-
-
-def dumps(data: Any) -> bytes:
-    return orjson.dumps(data)
 
 
 runtime: Runtime | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -53,7 +54,7 @@ def main() -> None:
     rport = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(rport), "--dir", tmp, "--save", ""],
                              stdout=subprocess.DEVNULL)
-    secret = "autoscale-test-secret-0123456789abcdef"
+    secret = secrets.token_urlsafe(32)
     os.environ.update({"EVENTPULSE_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
                        "EVENTPULSE_DATA_DIR": tmp, "EVENTPULSE_TOKEN_SECRET": secret,
                        "RAY_USAGE_STATS_ENABLED": "0"})

@@ -36,7 +36,9 @@ def test_token_prints_only_the_token(tmp_path):
     from eventpulse.auth import token_secret, verify_token
     from eventpulse.settings import Settings
 
-    p = verify_token(token, secret=token_secret(Settings(data_dir=tmp_path)))
+    # Explicit arguments win over any EVENTPULSE_* a test session put in this process.
+    p = verify_token(token, secret=token_secret(Settings(_env_file=None, data_dir=tmp_path,
+                                                           token_secret=None)))
     assert p.user_id == "alice" and p.is_organizer
     bad = run(["token", "alice", "--role", "king"], {"EVENTPULSE_DATA_DIR": str(tmp_path)})
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

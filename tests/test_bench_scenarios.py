@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from bench.smoke import run_smoke
 
-SECRET = "test-secret-for-the-fake-server-0123456789"
+SECRET = secrets.token_urlsafe(32)  # signs the tokens the fake server checks
 
 
 class FakeApi:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import jwt
@@ -14,7 +15,7 @@ from eventpulse.auth import mint_token
 def forged(test_secret):
     now = time.time()
     return {
-        "bad signature": mint_token("mallory", ["admin"], secret="not-the-secret-but-long-enough-to-sign"),
+        "bad signature": mint_token("mallory", ["admin"], secret=secrets.token_urlsafe(32)),
         "alg none": jwt.encode({"sub": "mallory", "roles": ["admin"], "exp": now + 60},
                                key=None, algorithm="none"),
         "expired": mint_token("mallory", [], secret=test_secret, ttl_s=60, now=now - 3600),
