@@ -36,6 +36,11 @@ RAY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_MAXCONN": "7900",  # HAProxy needs 2.5 fds per conn; 20,000 fds here
+    # A request in flight on a replica that dies gets no answer: HAProxy sends it to
+    # another replica instead of answering 500. Safe here because every write route
+    # is idempotent (joins per user, purchases per Idempotency-Key, leave/release/admin
+    # set states, events per Idempotency-Key when given).
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
 }

@@ -51,6 +51,11 @@ def idempotency(event_id: str, key: str) -> str:
     return f"{_ev(event_id)}:idem:{key}"
 
 
+def event_creation(user_id: str, key: str) -> str:
+    """String: the event one organizer's Idempotency-Key created (digest + id)."""
+    return f"{_u(user_id)}:idem-ev:{key}"
+
+
 def purchase(event_id: str, purchase_id: str) -> str:
     """Hash: the status of one purchase request."""
     return f"{_ev(event_id)}:purchase:{purchase_id}"

@@ -97,13 +97,11 @@ def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[
         "EVENTPULSE_TOKEN_SECRET": test_secret,
         "EVENTPULSE_JOIN_RATE_LIMIT": "1000",  # the rate-limit test sets its own user up
         "EVENTPULSE_PURCHASE_RECLAIM_IDLE_MS": "3000",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_HAPROXY_MAXCONN": "7900",
-        "RAY_USAGE_STATS_ENABLED": "0",
     }
-    from cluster.launcher import haproxy_env
+    from cluster.launcher import RAY_ENV, haproxy_env
 
+    env.update({k: v for k, v in RAY_ENV.items() if k.startswith("RAY_SERVE_")})
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.update(haproxy_env(workdir))
     os.environ.update(env)
     from eventpulse.settings import get_settings

@@ -32,6 +32,7 @@ class Load:
     workers: int = 6
     prefix: str = field(default_factory=lambda: "ld-" + uuid.uuid4().hex[:6])
     samples: list[tuple[float, str, int, float]] = field(default_factory=list)  # t, kind, status, s
+    failures: list[tuple[float, str, int, str]] = field(default_factory=list)  # t, kind, status, why
     joined: set[str] = field(default_factory=set)  # users whose join got 200
     accepted: dict[str, str] = field(default_factory=dict)  # purchase id -> user (202/201)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,9 +50,12 @@ class Load:
                 body = json.loads(raw) if raw else None
             except ValueError:  # a proxy's own error page
                 body = None
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            status, body = 599, None  # connection refused/reset or timed out
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            status, body, raw = 599, None, repr(e).encode()  # refused/reset or timed out
         self.samples.append((started, kind, status, time.monotonic() - started))
+        if status >= 500:
+            why = body["error"].get("code", "") if isinstance(body, dict) and "error" in body else raw
+            self.failures.append((started, kind, status, str(why)[:120]))
         return status, body
 
     async def _user(self) -> None:

@@ -19,6 +19,32 @@ async def test_organizer_creates_event_and_anyone_signed_in_reads_it(http, auth_
         assert r.status == 304
 
 
+async def test_event_creation_with_an_idempotency_key_creates_once(http, auth_headers, redis):
+    """A repeated create (a client's retry, or the ingress replaying a request whose
+    replica died) answers the first event; the same key with another body is refused."""
+    import uuid
+
+    from eventpulse import keys
+
+    org, key = auth_headers("org-idem", "organizer"), uuid.uuid4().hex
+    body = {**EVENT_BODY, "name": "Once Only"}
+    ids = []
+    for _ in range(2):
+        async with http.post("/api/events", json=body, headers={**org, "Idempotency-Key": key}) as r:
+            assert r.status == 201, await r.text()
+            ids.append((await r.json())["id"])
+    assert ids[0] == ids[1] and await redis.exists(keys.event(ids[0]))
+    async with http.post("/api/events", json={**body, "total_tickets": 9},
+                         headers={**org, "Idempotency-Key": key}) as r:
+        assert r.status == 409
+        assert (await r.json())["error"]["code"] == "idempotency_key_reused"
+    other = auth_headers("org-idem-2", "organizer")  # keys are per organizer
+    async with http.post("/api/events", json=body, headers={**other, "Idempotency-Key": key}) as r:
+        assert r.status == 201 and (await r.json())["id"] != ids[0]
+    async with http.post("/api/events", json=body, headers={**org, "Idempotency-Key": "short"}) as r:
+        assert r.status == 422
+
+
 async def test_plain_user_cannot_create_events(http, auth_headers):
     async with http.post("/api/events", json=EVENT_BODY, headers=auth_headers("someone")) as r:
         assert r.status == 403

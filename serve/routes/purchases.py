@@ -1,14 +1,13 @@
 """Purchases: accepted here, committed by the purchase job (`cluster/purchase_job.py`).
 
 Accepting costs one coalesced actor read (the live offer) and two Redis round trips
-(idempotency claim; record + stream append in one pipeline).
+(idempotency claim, answering any prior claim; record + stream append in one pipeline).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 import zlib
 from typing import Annotated, Any
 
@@ -20,24 +19,16 @@ from eventpulse.auth import Principal
 from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, IdempotencyMismatch, InvalidInput, NoOffer,
                                NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
 from eventpulse.payments import verify_webhook
+from eventpulse.redis import RedisClient
 from serve.auth import principal
 from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.errors import error_response
 from serve.responses import json
 from serve.runtime import get_runtime, valid_id
-from serve.schemas import Purchase, PurchaseIn
+from serve.schemas import IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_TTL_S, Purchase, PurchaseIn
 
 router = APIRouter(tags=["purchases"], responses=ERRORS)
 User = Annotated[Principal, Depends(principal)]
-IDEMPOTENCY_TTL_S = 7 * 24 * 3600
-CLAIM_GRACE_S = 15.0  # far above the milliseconds between claiming a key and recording it
-_TAKE_OVER_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-end
-return false
-"""
-KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"
 
 _REASONS = {"already_purchased": AlreadyPurchased, "sold_out": SoldOut, "payment_declined": PaymentDeclined,
             "offer_expired": OfferExpired, "no_offer": NoOffer}
@@ -74,54 +65,46 @@ def _outcome_response(view: dict[str, Any]):
                         202: {"model": Purchase, "description": "accepted"}})
 async def purchase(event_id: str, body: PurchaseIn, p: User,
                    idempotency_key: Annotated[str, Header(alias="Idempotency-Key",
-                                                          pattern=KEY_PATTERN)],
+                                                          pattern=IDEMPOTENCY_KEY_PATTERN)],
                    wait: Annotated[float, Query(ge=0, le=30)] = 0):
-    """Buy with a live offer. Same key + same body returns the same purchase."""
+    """Buy with a live offer. Same key + same body returns the same purchase.
+
+    The idempotency claim carries the whole request for the purchase job, so a claim
+    is never a dead end: when the replica that wrote it died before recording the
+    purchase, the retry records it (the same purchase id; every write is first-wins
+    and the job settles a purchase id once, however often it is delivered).
+    """
     rt = get_runtime()
     r = rt.redis
-    await rt.event(event_id)
+    event = await rt.event(event_id)
     digest = hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
     idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
-    pid = ledger.new_id()
-    claim = msgpack.packb({"pid": pid, "h": digest, "t": time.time()})
-    claimed = await r.set(idem_key, claim, nx=True, ex=IDEMPOTENCY_TTL_S)
-    if not claimed:
-        raw = await r.get(idem_key) or msgpack.packb({})
+    view = await rt.entry(event_id, p.user_id)
+    if view is None or view["status"] != "offered" or view["offer"] is None:
+        raw = await r.get(idem_key)  # a retry after the offer was taken, or no offer at all
+        if raw is None:
+            raise NoOffer("you hold no live offer for this event")
+    else:
+        if body.quantity > view["offer"]["quantity"]:
+            raise InvalidInput(f"your offer holds {view['offer']['quantity']} tickets")
+        ttype = view.get("ticket_type") or event["ticket_types"][0]["name"]
+        price = next((t["price"] for t in event["ticket_types"] if t["name"] == ttype),
+                     event["price"])
+        request = {"pid": ledger.new_id(), "event_id": event_id, "user_id": p.user_id,
+                   "quantity": body.quantity, "ticket_type": ttype, "unit_price": price,
+                   "payment_reference": body.payment_reference}
+        raw = await r.set(idem_key, msgpack.packb({"h": digest, "m": request}),
+                          nx=True, get=True, ex=IDEMPOTENCY_TTL_S)  # the prior claim, if any
+    if raw is not None:
         prior = msgpack.unpackb(raw, raw=False)
         if prior.get("h") != digest:
             raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
-        if await r.exists(keys.purchase(event_id, prior["pid"])):
-            return await _await_outcome(event_id, prior["pid"], wait)
-        # Claimed but never recorded: the claiming request is still being accepted, or it
-        # died between the two steps (a replica lost). Answering 202 for it would
-        # acknowledge a purchase nobody will commit, so retry later, or take an abandoned
-        # claim over.
-        if time.time() - prior.get("t", 0) < CLAIM_GRACE_S or not await r.eval(
-                _TAKE_OVER_LUA, 1, idem_key, raw, claim, IDEMPOTENCY_TTL_S):
-            raise Busy("a request with this Idempotency-Key is still being accepted; "
-                       "retry shortly", retry_after=1)
-    try:
-        view = await rt.entry(event_id, p.user_id)
-        if view is None or view["status"] != "offered" or view["offer"] is None:
-            raise NoOffer("you hold no live offer for this event")
-        if body.quantity > view["offer"]["quantity"]:
-            raise InvalidInput(f"your offer holds {view['offer']['quantity']} tickets")
-    except Exception:
-        await r.delete(idem_key)  # nothing was accepted: the key may be used again
-        raise
-    event = await rt.event(event_id)
-    ttype = view.get("ticket_type") or event["ticket_types"][0]["name"]
-    price = next((t["price"] for t in event["ticket_types"] if t["name"] == ttype), event["price"])
-    partition = zlib.crc32(p.user_id.encode()) % rt.settings.purchase_partitions
+        request = prior["m"]
+        if await r.exists(keys.purchase(event_id, request["pid"])):
+            return await _await_outcome(event_id, request["pid"], wait)
+    pid = request["pid"]
     fut = rt.expect_purchase(pid) if wait else None
-    pipe = r.pipeline(transaction=False)
-    pipe.hset(keys.purchase(event_id, pid), mapping={
-        "status": "accepted", "user_id": p.user_id, "quantity": body.quantity})
-    pipe.set(keys.purchase_owner(pid), event_id)
-    pipe.xadd(keys.purchase_stream(partition), {"m": msgpack.packb({
-        "pid": pid, "event_id": event_id, "user_id": p.user_id, "quantity": body.quantity,
-        "ticket_type": ttype, "unit_price": price, "payment_reference": body.payment_reference})})
-    await pipe.execute()
+    await _record(r, request, rt.settings.purchase_partitions)
     if fut is not None:
         try:
             await asyncio.wait_for(fut, wait)
@@ -130,6 +113,24 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
         finally:
             rt.forget_purchase(pid, fut)
     return await _await_outcome(event_id, pid, 0)
+
+
+async def _record(r: RedisClient, request: dict[str, Any], partitions: int) -> None:
+    """Hand an accepted purchase to the job and record it, in one pipeline.
+
+    The stream entry goes first, so a record that exists was handed over. First-wins
+    writes: a record the job already settled is never set back to accepted.
+    """
+    event_id, pid, user = request["event_id"], request["pid"], request["user_id"]
+    rec = keys.purchase(event_id, pid)
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(keys.purchase_stream(zlib.crc32(user.encode()) % partitions),
+              {"m": msgpack.packb(request)})
+    pipe.set(keys.purchase_owner(pid), event_id)
+    pipe.hsetnx(rec, "status", "accepted")
+    pipe.hsetnx(rec, "user_id", user)
+    pipe.hsetnx(rec, "quantity", request["quantity"])
+    await pipe.execute()
 
 
 async def _await_outcome(event_id: str, pid: str, wait: float):
