@@ -151,7 +151,7 @@ def get_client(settings: Settings | None = None) -> RedisClient:
 
 
 def pool_stats(client: RedisClient) -> dict[str, int]:
-    """In-use and idle connection counts, for /readyz and the pool gauges."""
+    """In-use and idle connection counts (and Redis nodes), for /readyz and the gauges."""
     if isinstance(client, RedisCluster):
         in_use = idle = 0
         for node in client.get_nodes():
@@ -160,12 +160,13 @@ def pool_stats(client: RedisClient) -> dict[str, int]:
         limit = getattr(client, "pool_size", None)
         if limit is None:  # a plain RedisCluster: its limit is per node
             limit = sum(node.max_connections for node in client.get_nodes())
-        return {"in_use": in_use, "idle": idle, "max": limit}
+        return {"in_use": in_use, "idle": idle, "max": limit, "nodes": len(client.get_nodes())}
     pool = client.connection_pool
     return {
         "in_use": len(pool._in_use_connections),
         "idle": len(pool._available_connections),
         "max": pool.max_connections,
+        "nodes": 1,
     }
 
 

@@ -7,6 +7,7 @@ tests talk to the real Redis over TCP and to the app over real HTTP.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -68,6 +69,70 @@ class RedisServer:
             self.proc = None
 
 
+def cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free and below 65536 too."""
+    while True:
+        port = random.randint(20000, 50000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+class RedisClusterServers:
+    def __init__(self, root: Path, masters: int = 3) -> None:
+        self.root = root
+        self.ports = [cluster_port() for _ in range(masters)]
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        for port in self.ports:
+            d = self.root / str(port)
+            d.mkdir(parents=True, exist_ok=True)
+            self.procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--appendonly", "no", "--save", ""],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            self._cli(port, "PING", retries=100)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in self._cli(p, "CLUSTER", "INFO") for p in self.ports):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def _cli(self, port: int, *args: str, retries: int = 1) -> str:
+        for _ in range(retries):
+            out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                                 text=True, timeout=10)
+            if out.returncode == 0 and "Could not connect" not in out.stdout + out.stderr:
+                return out.stdout
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-cli {' '.join(args)} on {port}: {out.stdout}{out.stderr}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="eventpulse-test-"))
@@ -75,12 +140,20 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+CLUSTER = os.environ.get("EVENTPULSE_TEST_REDIS", "single") == "cluster"
+
+
 @pytest.fixture(scope="session")
-def redis_server(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(workdir)
-    server.start()
-    yield server
-    server.stop()
+def redis_server(workdir: Path) -> Iterator[RedisServer | RedisClusterServers]:
+    """The session's Redis: one server, or with EVENTPULSE_TEST_REDIS=cluster a real
+    3-master Redis Cluster that the whole app (Serve, actors, purchase job) then uses."""
+    server: RedisServer | RedisClusterServers
+    server = RedisClusterServers(workdir / "cluster") if CLUSTER else RedisServer(workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +170,7 @@ def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[
         "EVENTPULSE_TOKEN_SECRET": test_secret,
         "EVENTPULSE_JOIN_RATE_LIMIT": "1000",  # the rate-limit test sets its own user up
         "EVENTPULSE_PURCHASE_RECLAIM_IDLE_MS": "3000",
+        "EVENTPULSE_REDIS_CLUSTER": "1" if CLUSTER else "0",
     }
     from cluster.launcher import RAY_ENV, haproxy_env
 
@@ -247,6 +321,6 @@ async def redis(redis_server: RedisServer, app_env):
     from eventpulse.redis import create_client
     from eventpulse.settings import Settings
 
-    client = create_client(Settings(redis_url=redis_server.url))
+    client = create_client(Settings(redis_url=redis_server.url, redis_cluster=CLUSTER))
     yield client
     await client.aclose()

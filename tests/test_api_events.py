@@ -45,6 +45,23 @@ async def test_event_creation_with_an_idempotency_key_creates_once(http, auth_he
         assert r.status == 422
 
 
+async def test_the_app_runs_on_the_configured_redis(http, make_event, redis_server):
+    """With EVENTPULSE_TEST_REDIS=cluster the deployed app itself talks to the 3-master
+    cluster (its readiness says so, and the event's keys live on the slot's master)."""
+    from tests.conftest import CLUSTER
+
+    async with http.get("/readyz") as r:
+        assert r.status == 200
+        assert (await r.json())["redis_pool"]["nodes"] == (3 if CLUSTER else 1)
+    event = await make_event()
+    if CLUSTER:
+        from eventpulse import keys
+
+        owners = [port for port in redis_server.ports
+                  if redis_server._cli(port, "EXISTS", keys.event(event["id"])).strip() == "1"]
+        assert len(owners) == 1  # exactly one master holds it: the cluster, not a copy
+
+
 async def test_plain_user_cannot_create_events(http, auth_headers):
     async with http.post("/api/events", json=EVENT_BODY, headers=auth_headers("someone")) as r:
         assert r.status == 403

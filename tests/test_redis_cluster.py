@@ -7,12 +7,8 @@ and multi-key command must stay inside one slot thanks to the `{ev:â€¦}` / `{u:â
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
-import socket
-import subprocess
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -24,73 +20,9 @@ from eventpulse.errors import RateLimited
 from eventpulse.redis import create_client, pool_stats
 from eventpulse.settings import Settings
 from serve import ratelimit
-from tests.conftest import unique
+from tests.conftest import RedisClusterServers, unique
 
 pytestmark = pytest.mark.cluster
-
-
-def cluster_port() -> int:
-    """A free port whose cluster-bus twin (port + 10000) is free and below 65536 too."""
-    while True:
-        port = random.randint(20000, 50000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-            return port
-        except OSError:
-            continue
-
-
-class RedisClusterServers:
-    def __init__(self, root: Path, masters: int = 3) -> None:
-        self.root = root
-        self.ports = [cluster_port() for _ in range(masters)]
-        self.procs: list[subprocess.Popen] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
-
-    def start(self) -> None:
-        for port in self.ports:
-            d = self.root / str(port)
-            d.mkdir(parents=True, exist_ok=True)
-            self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--appendonly", "no", "--save", ""],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            self._cli(port, "PING", retries=100)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if all("cluster_state:ok" in self._cli(p, "CLUSTER", "INFO") for p in self.ports):
-                return
-            time.sleep(0.2)
-        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
-
-    def _cli(self, port: int, *args: str, retries: int = 1) -> str:
-        for _ in range(retries):
-            out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
-                                 text=True, timeout=10)
-            if out.returncode == 0 and "Could not connect" not in out.stdout + out.stderr:
-                return out.stdout
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-cli {' '.join(args)} on {port}: {out.stdout}{out.stderr}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture(scope="module")
