@@ -25,7 +25,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray-cluster.yaml"
-SERVE_ENV = ("RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_AUTH_MODE=token")
+SERVE_ENV = ("RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_AUTH_MODE=token",
+             'RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response"',
+             "RAY_SERVE_HAPROXY_METRICS_ENABLED=0")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from cluster.launcher import RAY_ENV
 import yaml
 
 KUBERAY = Path(__file__).resolve().parents[1] / "configs" / "kuberay"
@@ -124,6 +126,8 @@ def test_env_on_every_ray_container(cluster: dict[str, Any]) -> None:
         env = _env(container)
         for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
             assert env[name]["value"] == "1", (group, name)
+        assert env["RAY_SERVE_HAPROXY_RETRY_ON"]["value"] == RAY_ENV["RAY_SERVE_HAPROXY_RETRY_ON"]
+        assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"]["value"] == "0"
         assert env["EVENTPULSE_MODE"]["value"] == "production"
         assert env["EVENTPULSE_HOT_EVENT_RESOURCE"]["value"] == "eventpulse_hot_events"
         assert container["image"] and container["resources"]["limits"]["cpu"]
