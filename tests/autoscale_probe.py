@@ -89,9 +89,16 @@ def main() -> None:
         serve.run(app, name="eventpulse", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         org = mint_token("org", ["organizer"], secret=secret)
-        event = httpx.post(f"{url}/api/events", headers={"Authorization": f"Bearer {org}"}, json={
-            "name": "autoscale", "event_date": "2027-01-01T00:00:00Z", "price": 1,
-            "total_tickets": 10}, timeout=30).json()
+        deadline = time.monotonic() + 60
+        while True:  # the proxy may not route to the new app for a moment after serve.run
+            r = httpx.post(f"{url}/api/events", headers={"Authorization": f"Bearer {org}"}, json={
+                "name": "autoscale", "event_date": "2027-01-01T00:00:00Z", "price": 1,
+                "total_tickets": 10}, timeout=30)
+            if r.status_code == 201 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 201, (r.status_code, r.text)
+        event = r.json()
         start = time.monotonic()
         loop = asyncio.new_event_loop()
         task = loop.run_in_executor(None, lambda: asyncio.run(
