@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import msgpack
 import ray
@@ -36,6 +36,7 @@ from eventpulse.payments import PaymentGateway, get_gateway
 from eventpulse.redis import RedisClient, get_client
 from eventpulse.settings import Settings, get_settings
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 RECLAIM_EVERY_S = 5.0
 FINAL = ("committed", "declined", "rejected", "failed")
@@ -64,6 +65,16 @@ def decode_request(fields: dict) -> dict[str, Any]:
         raise PoisonRequest(f"undecodable request: {type(e).__name__}: {e}") from e
     req["purchase_id"] = req["pid"]
     return req
+
+
+async def stage(name: str, step: Awaitable[T]) -> T:
+    """Await one step of a batch, timed into eventpulse_purchase_stage_duration_seconds."""
+    started = time.perf_counter()
+    try:
+        return await step
+    finally:
+        metrics.get("purchase_stage").observe(time.perf_counter() - started,
+                                              tags={"stage": name})
 
 
 class PartitionConsumer:
@@ -259,7 +270,7 @@ class PartitionConsumer:
     async def _process_event(self, r: RedisClient, ledger: Ledger, event_id: str,
                              reqs: list[dict]) -> None:
         """Lock, charge, commit, settle and publish one event's requests."""
-        fresh, committed = await self._unsettled(ledger, event_id, reqs)
+        fresh, committed = await stage("read", self._unsettled(ledger, event_id, reqs))
         blobs: dict[str, tuple[str, bytes]] = {}  # tickets committed now: owner, record
         fresh, outcomes = self._one_per_user(fresh)
         queue = get_queue(event_id)
@@ -267,11 +278,12 @@ class PartitionConsumer:
         # (the line answers "already settled" when it had, which is fine).
         settle = [(q["user_id"], "committed") for q in committed]
         if fresh:
-            locked = await self._lock(queue, fresh, outcomes)
-            approved, declined = await self._charge(locked, outcomes)
+            locked = await stage("lock", self._lock(queue, fresh, outcomes))
+            approved, declined = await stage("charge", self._charge(locked, outcomes))
             settle += [(q["user_id"], "declined") for q in declined]
             if approved:
-                done, released = await self._commit(ledger, event_id, approved, outcomes, blobs)
+                done, released = await stage("commit", self._commit(
+                    ledger, event_id, approved, outcomes, blobs))
                 committed += done
                 settle += [(q["user_id"], "committed") for q in done]
                 settle += [(q["user_id"], "declined") for q in released]
@@ -283,8 +295,8 @@ class PartitionConsumer:
             steps.append(ledger.index_tickets(
                 event_id, [t for q in committed for t in q["tickets"]], blobs))
             outcomes += [(q, "committed", "") for q in committed]
-        await asyncio.gather(*steps)
-        await self._settle_records(r, ledger, event_id, outcomes)
+        await stage("settle", asyncio.gather(*steps))
+        await stage("publish", self._settle_records(r, ledger, event_id, outcomes))
 
     async def _unsettled(self, ledger: Ledger, event_id: str, reqs: list[dict]
                          ) -> tuple[list[dict], list[dict]]:

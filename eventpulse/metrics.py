@@ -44,6 +44,8 @@ _SPECS: dict[str, tuple[type, str, tuple[str, ...], list[float] | None]] = {
     "purchases": (m.Counter, "eventpulse_purchases_total", ("outcome",), None),
     "dead_letters": (m.Counter, "eventpulse_purchase_dead_letters_total", ("partition",), None),
     "commit_latency": (m.Histogram, "eventpulse_purchase_commit_duration_seconds", (), LATENCY_BUCKETS),
+    "purchase_stage": (m.Histogram, "eventpulse_purchase_stage_duration_seconds", ("stage",),
+                       LATENCY_BUCKETS),
 }
 
 

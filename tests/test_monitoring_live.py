@@ -72,6 +72,7 @@ TOLERATED = {
     "ray_eventpulse_purchases_total": "the load makes no purchase",
     "ray_eventpulse_purchase_dead_letters_total": "the load makes no purchase (and dead letters are rare anyway)",
     "ray_eventpulse_purchase_commit_duration_seconds": "the load makes no purchase",
+    "ray_eventpulse_purchase_stage_duration_seconds": "the load makes no purchase",
     "ray_serve_replica_processing_queries": "Serve may not export it from replicas in this mode within the run",
     "ray_serve_autoscaling_target_replicas": "only for autoscaling deployments; the test app has fixed replicas",
 }
