@@ -158,3 +158,25 @@ async def test_sse_stream_needs_a_token_and_accepts_it_as_query_parameter(http, 
                 line = raw
                 break
         assert orjson.loads(line[5:])["user_id"] == u
+
+
+async def test_coalescer_gives_each_caller_its_own_answer_in_fewer_calls(http, auth_headers,
+                                                                        make_event, ray_session):
+    """Reads arriving in a steady stream share batched actor calls, and every caller gets
+    its own entry back, in its own order."""
+    from serve.batching import Coalescer
+
+    event = await make_event(total_tickets=1)
+    users = [unique() for _ in range(20)]
+    for u in users:
+        await join(http, auth_headers, event["id"], u)
+    c = Coalescer(0.002)
+
+    async def read(i: int):
+        await asyncio.sleep(i * 0.0005)  # a steady stream, not one burst
+        return await c.call(event["id"], "view_many", users[i % len(users)])
+
+    views = await asyncio.gather(*(read(i) for i in range(400)))
+    assert [v["user_id"] for v in views] == [users[i % len(users)] for i in range(400)]
+    assert [v["position"] for v in views[1:20]] == list(range(1, 20))
+    assert c.items == 400 and c.calls < 200, c.calls
