@@ -251,6 +251,8 @@ async def test_killing_the_job_mid_batch_loses_and_duplicates_nothing(redis):
     for a in first:
         ray.kill(a, no_restart=True)
     del runs
+    for a in first:  # ray.kill returns at once: a dying consumer may still acknowledge a batch
+        await gone(a)
     pending_at_kill = 0
     for p in parts:
         pending_at_kill += (await redis.xpending(keys.purchase_stream(p),
@@ -284,6 +286,18 @@ async def test_killing_the_job_mid_batch_loses_and_duplicates_nothing(redis):
     assert len(ticket_ids) == len(set(ticket_ids)) == sum(q["quantity"] for q in reqs)
     for q in reqs[::25]:  # the user side agrees with the event side
         assert len(await ledger.user_tickets(redis, q["user_id"])) == q["quantity"]
+
+
+async def gone(actor, timeout: float = 30) -> None:
+    """Wait until a killed actor's process is really gone (its calls fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await actor.stats.remote()
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, "the killed consumer still answers"
+        await asyncio.sleep(0.05)
 
 
 # (d) poison goes to the dead-letter stream; the partition goes on -------------------------
