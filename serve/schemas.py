@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Strict = ConfigDict(extra="forbid")
 NAME = Field(min_length=1, max_length=200)
-IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{8,128}$"  # the Idempotency-Key header
-IDEMPOTENCY_TTL_S = 7 * 24 * 3600  # how long a key answers with its first result
 
 
 class ErrorBody(BaseModel):

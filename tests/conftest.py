@@ -162,7 +162,7 @@ def test_secret() -> str:
 
 
 @pytest.fixture(scope="session")
-def app_env(redis_server: RedisServer, workdir: Path, test_secret: str) -> dict[str, str]:
+def app_env(redis_server: RedisServer | RedisClusterServers, workdir: Path, test_secret: str) -> dict[str, str]:
     """The environment every Ray process of the session inherits."""
     env = {
         "EVENTPULSE_REDIS_URL": redis_server.url,
@@ -316,7 +316,7 @@ async def demo_event(make_event) -> str:
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer, app_env):
+async def redis(redis_server: RedisServer | RedisClusterServers, app_env):
     """A client of the session's Redis through the project's own pool."""
     from eventpulse.redis import create_client
     from eventpulse.settings import Settings

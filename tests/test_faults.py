@@ -170,12 +170,10 @@ async def test_purchase_claimed_by_a_dead_replica_is_recorded_by_the_retry(
     left a claim with no purchase behind it (found by the replica-kill test). The claim
     carries the whole request, so the client's retry records that very purchase at once
     (no waiting out a grace period), and it commits exactly once."""
-    import hashlib
     import uuid
 
-    import msgpack
-
     from eventpulse import keys
+    from serve import idempotency
     from serve.schemas import PurchaseIn
 
     event = await make_event(total_tickets=2, max_per_user=1)
@@ -184,13 +182,13 @@ async def test_purchase_claimed_by_a_dead_replica_is_recorded_by_the_retry(
                          headers=auth_headers(user)) as r:
         assert r.status == 200 and (await r.json())["status"] == "offered"
     body = {"quantity": 1, "payment_reference": "test_ok_claim"}
-    digest = hashlib.blake2b(PurchaseIn(**body).model_dump_json().encode(),
-                             digest_size=12).hexdigest()
     pid = "deadreplica01"
     request = {"pid": pid, "event_id": eid, "user_id": user, "quantity": 1,
                "ticket_type": event["ticket_types"][0]["name"],
                "unit_price": event["ticket_types"][0]["price"], "payment_reference": body["payment_reference"]}
-    await redis.set(keys.idempotency(eid, f"{user}:{key}"), msgpack.packb({"h": digest, "m": request}))
+    # exactly what the dead replica wrote before it could record the purchase
+    assert (await idempotency.claim(redis, keys.idempotency(eid, f"{user}:{key}"),
+                                    PurchaseIn(**body), request))[1]
     headers = {**auth_headers(user), "Idempotency-Key": key}
     async with http.post(f"/api/events/{eid}/purchases?wait=10", json=body, headers=headers) as r:
         assert r.status == 201, await r.text()

@@ -6,22 +6,20 @@ an L1 hit, else 1 (details) + one actor call.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
-import msgpack
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
 
 from eventpulse import keys, ledger
-from eventpulse.errors import IdempotencyMismatch
 from eventpulse.auth import Principal
+from eventpulse.errors import EventNotFound
+from serve import idempotency
 from serve.auth import principal, require_organizer
 from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.responses import cached_json, etag_of, json
 from serve.runtime import get_runtime
-from serve.schemas import (IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_TTL_S, Availability, EventIn, EventOut,
-                           EventPage)
+from serve.schemas import Availability, EventIn, EventOut, EventPage
 
 router = APIRouter(prefix="/api/events", tags=["events"], responses=ERRORS)
 User = Annotated[Principal, Depends(principal)]
@@ -51,24 +49,21 @@ def public(doc: dict) -> dict:
 @router.post("", status_code=201, response_model=EventOut)
 async def create_event(body: EventIn, p: User,
                        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key",
-                                                                     pattern=IDEMPOTENCY_KEY_PATTERN)] = None):
+                                                                     pattern=idempotency.KEY_PATTERN)] = None):
     """Create an event. With an Idempotency-Key, a repeated request creates it once."""
     require_organizer(p)
     r = get_runtime().redis
     doc = event_doc(body, p.user_id)
     if idempotency_key is not None:
-        digest = hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
-        claim = {"h": digest, "id": ledger.new_id()}
-        raw = await r.set(keys.event_creation(p.user_id, idempotency_key), msgpack.packb(claim),
-                          nx=True, get=True, ex=IDEMPOTENCY_TTL_S)
-        prior = msgpack.unpackb(raw, raw=False) if raw is not None else claim
-        if prior["h"] != digest:
-            raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
-        if raw is not None and await r.exists(keys.event(prior["id"])):
-            existing = await ledger.get_event(r, prior["id"])
-            return json(public(existing), status=201,
-                        headers={"Location": f"/api/events/{prior['id']}"})
-        doc["id"] = prior["id"]
+        doc["id"], fresh = await idempotency.claim(
+            r, keys.event_creation(p.user_id, idempotency_key), body, ledger.new_id())
+        if not fresh:  # the first request created it, unless it died before that
+            try:
+                doc = await ledger.get_event(r, doc["id"])
+            except EventNotFound:
+                pass
+            else:
+                return json(public(doc), status=201, headers={"Location": f"/api/events/{doc['id']}"})
     doc = await ledger.create_event(r, doc)
     return json(public(doc), status=201, headers={"Location": f"/api/events/{doc['id']}"})
 

@@ -7,7 +7,6 @@ Accepting costs one coalesced actor read (the live offer) and two Redis round tr
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import zlib
 from typing import Annotated, Any
 
@@ -16,16 +15,17 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 
 from eventpulse import keys, ledger
 from eventpulse.auth import Principal
-from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, IdempotencyMismatch, InvalidInput, NoOffer,
+from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, InvalidInput, NoOffer,
                                NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
 from eventpulse.payments import verify_webhook
 from eventpulse.redis import RedisClient
+from serve import idempotency
 from serve.auth import principal
 from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.errors import error_response
 from serve.responses import json
 from serve.runtime import get_runtime, valid_id
-from serve.schemas import IDEMPOTENCY_KEY_PATTERN, IDEMPOTENCY_TTL_S, Purchase, PurchaseIn
+from serve.schemas import Purchase, PurchaseIn
 
 router = APIRouter(tags=["purchases"], responses=ERRORS)
 User = Annotated[Principal, Depends(principal)]
@@ -65,7 +65,7 @@ def _outcome_response(view: dict[str, Any]):
                         202: {"model": Purchase, "description": "accepted"}})
 async def purchase(event_id: str, body: PurchaseIn, p: User,
                    idempotency_key: Annotated[str, Header(alias="Idempotency-Key",
-                                                          pattern=IDEMPOTENCY_KEY_PATTERN)],
+                                                          pattern=idempotency.KEY_PATTERN)],
                    wait: Annotated[float, Query(ge=0, le=30)] = 0):
     """Buy with a live offer. Same key + same body returns the same purchase.
 
@@ -77,12 +77,12 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
     rt = get_runtime()
     r = rt.redis
     event = await rt.event(event_id)
-    digest = hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
     idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
     view = await rt.entry(event_id, p.user_id)
     if view is None or view["status"] != "offered" or view["offer"] is None:
-        raw = await r.get(idem_key)  # a retry after the offer was taken, or no offer at all
-        if raw is None:
+        # a retry after the offer was taken, or no offer at all
+        request, fresh = await idempotency.prior(r, idem_key, body), False
+        if request is None:
             raise NoOffer("you hold no live offer for this event")
     else:
         if body.quantity > view["offer"]["quantity"]:
@@ -90,18 +90,12 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
         ttype = view.get("ticket_type") or event["ticket_types"][0]["name"]
         price = next((t["price"] for t in event["ticket_types"] if t["name"] == ttype),
                      event["price"])
-        request = {"pid": ledger.new_id(), "event_id": event_id, "user_id": p.user_id,
-                   "quantity": body.quantity, "ticket_type": ttype, "unit_price": price,
-                   "payment_reference": body.payment_reference}
-        raw = await r.set(idem_key, msgpack.packb({"h": digest, "m": request}),
-                          nx=True, get=True, ex=IDEMPOTENCY_TTL_S)  # the prior claim, if any
-    if raw is not None:
-        prior = msgpack.unpackb(raw, raw=False)
-        if prior.get("h") != digest:
-            raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
-        request = prior["m"]
-        if await r.exists(keys.purchase(event_id, request["pid"])):
-            return await _await_outcome(event_id, request["pid"], wait)
+        request, fresh = await idempotency.claim(r, idem_key, body, {
+            "pid": ledger.new_id(), "event_id": event_id, "user_id": p.user_id,
+            "quantity": body.quantity, "ticket_type": ttype, "unit_price": price,
+            "payment_reference": body.payment_reference})
+    if not fresh and await r.exists(keys.purchase(event_id, request["pid"])):
+        return await _await_outcome(event_id, request["pid"], wait)
     pid = request["pid"]
     fut = rt.expect_purchase(pid) if wait else None
     await _record(r, request, rt.settings.purchase_partitions)
