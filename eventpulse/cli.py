@@ -11,6 +11,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eventpulse.auth import mint_token, token_secret
@@ -25,7 +26,7 @@ def _settings() -> Settings:
     try:
         s = Settings()
     except Exception as e:  # pydantic's message names the bad variable
-        console.print(f"[red]configuration error:[/] {e}")
+        console.print(f"[red]configuration error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     s.data_dir = s.data_dir.resolve()
     return s
@@ -122,11 +123,11 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
                 state.urls["prometheus"] = "http://127.0.0.1:9090"
             state.save()
     except L.LaunchError as e:
-        console.print(f"[red]cannot start:[/] {e}")
+        console.print(f"[red]cannot start:[/] {escape(str(e))}")
         state.save()
         raise typer.Exit(1) from None
     except Exception as e:  # noqa: BLE001 — one clear line; details are in the logs
-        console.print(f"[red]cannot start:[/] {type(e).__name__}: {e}")
+        console.print(f"[red]cannot start:[/] {type(e).__name__}: {escape(str(e))}")
         state.save()
         raise typer.Exit(1) from None
     state.urls.update({"API": state.api_url, "OpenAPI docs": state.api_url + "/docs",
