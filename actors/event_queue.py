@@ -260,6 +260,18 @@ class EventQueue:
                 line.touch(u, now)
         return [view_dict(v) for v in line.view_many(users, now)]
 
+    async def watch_many(self, users: list[str]) -> tuple[int, list[dict[str, Any] | None]]:
+        """For the SSE hub: the line's version and the watchers' entries, marking them seen."""
+        line = await self._ready()
+        now = time.time()
+        for u in users:
+            line.touch(u, now)
+        return line.version, [view_dict(v) for v in line.view_many(users, now)]
+
+    async def version(self) -> int:
+        """Changes whenever the line does: the SSE hub reads every entry only then."""
+        return (await self._ready()).version
+
     async def leave(self, user: str) -> dict[str, Any] | None:
         line = await self._ready()
         await self._commit(line.leave(user, time.time()))

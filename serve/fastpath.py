@@ -1,15 +1,17 @@
-"""The hottest GET routes answered without FastAPI's routing and dependency injection.
+"""The hottest routes answered without FastAPI's routing and dependency injection.
 
-The earlier product's load mix is five GETs per user every few seconds; on two cores the
-Serve replica's per-request Python is the budget, and FastAPI's router, dependency
-solver and exception middleware are a large share of it for routes this small. These
-routes call the very same functions as their FastAPI twins (which stay, for the OpenAPI
-document and for anything unusual); whatever the fast path does not recognise exactly,
-it hands to FastAPI.
+The earlier product's load mix is five GETs per user every few seconds, and an on-sale
+starts with everyone joining and opening their stream at once; on two cores the Serve
+replica's per-request Python is the budget, and FastAPI's router, dependency solver and
+exception middleware are a large share of it for routes this small. These routes (the
+five GETs, joins and SSE streams) call the very same functions as their FastAPI twins
+(which stay, for the OpenAPI document and for anything unusual); whatever the fast path
+does not recognise exactly, it hands to FastAPI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from urllib.parse import parse_qsl
 
@@ -20,7 +22,10 @@ from serve.auth import authenticate, require_self
 from serve.errors import from_domain, unexpected
 from serve.responses import json
 from serve.routes.events import event_response
-from serve.routes.queue import my_entry
+from serve.routes import queue
+from serve.routes.queue import my_entry, shaped
+from serve.schemas import JoinIn
+from serve.sse import hub
 from serve.routes.tickets import tickets_response
 from serve.runtime import get_runtime
 
@@ -30,12 +35,19 @@ AVAILABILITY = "/api/events/{event_id}/availability"
 QUEUE_ME = "/api/events/{event_id}/queue/me"
 POSITION = "/api/queue/position"
 TICKETS = "/api/users/{user_id}/tickets"
+STREAM = "/api/events/{event_id}/queue/me/stream"
+JOIN = "/api/events/{event_id}/queue"
 HEALTH = "/healthz"
 GZIP_MIN = 1024  # as the app's GZipMiddleware
 
 
 def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[str, str]] | None:
     """(route, path params, query) for a request the fast path serves exactly, else None."""
+    if method == "POST":
+        parts = path.split("/")
+        if len(parts) == 5 and parts[2] == "events" and parts[4] == "queue" and not query:
+            return JOIN, [parts[3]], {}
+        return None
     if method != "GET":
         return None
     if path == HEALTH and not query:
@@ -49,6 +61,9 @@ def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[st
         return AVAILABILITY, [parts[3]], q
     if n == 6 and parts[2] == "events" and parts[4] == "queue" and parts[5] == "me" and not q:
         return QUEUE_ME, [parts[3]], q
+    if n == 7 and parts[4] == "queue" and parts[5] == "me" and parts[6] == "stream" and \
+            set(q) <= {"access_token"}:
+        return STREAM, [parts[3]], q
     if path == POSITION and set(q) == {"eventId", "userId"} and all(
             0 < len(v) <= 128 for v in q.values()):
         return POSITION, [], q
@@ -58,17 +73,23 @@ def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[st
     return None
 
 
-def _token(headers: dict[bytes, bytes]) -> str:
+def _token(headers: dict[bytes, bytes], query_token: str | None = None) -> str:
     raw = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = raw.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token")
-    return token.strip()
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if query_token:  # EventSource cannot set headers: streams take ?access_token=
+        return query_token
+    raise Unauthorized("missing bearer token")
 
 
 async def answer(route: str, params: list[str], q: dict[str, str],
-                 headers: dict[bytes, bytes]) -> Response:
-    """The response of a matched request, gzipped like the app's larger answers."""
+                 headers: dict[bytes, bytes], body: bytes = b"") -> Response | None:
+    """The response of a matched request, gzipped like the app's larger answers; None
+    hands the request to FastAPI (a join whose body is not exactly right gets FastAPI's
+    own validation answer)."""
+    if route == JOIN:
+        return await _join(params[0], headers, body)
     response = await _answer(route, params, q, headers)
     if len(response.body) >= GZIP_MIN and b"gzip" in headers.get(b"accept-encoding", b""):
         out = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
@@ -76,6 +97,21 @@ async def answer(route: str, params: list[str], q: dict[str, str],
         return Response(gzip.compress(response.body, 6), status_code=response.status_code,
                         headers=out)
     return response
+
+
+async def _join(event_id: str, headers: dict[bytes, bytes], body: bytes) -> Response | None:
+    if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        return None
+    try:
+        data = JoinIn.model_validate_json(body)
+    except ValueError:
+        return None
+    try:
+        return await queue.join(event_id, data, authenticate(_token(headers)))
+    except EventPulseError as e:
+        return from_domain(e)
+    except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
+        return unexpected(e)
 
 
 async def _answer(route: str, params: list[str], q: dict[str, str],
@@ -100,3 +136,45 @@ async def _answer(route: str, params: list[str], q: dict[str, str],
         return from_domain(e)
     except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
         return unexpected(e)
+
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, bytes],
+                 scope, receive, send) -> None:
+    """My entry as Server-Sent Events, written straight to the connection.
+
+    The same stream as the FastAPI route's `StreamingResponse`, without the response
+    class's task group and the five middleware `send` wrappers every pushed entry went
+    through: with thousands of streams and a line that moves, those were most of a
+    replica's time.
+    """
+    event_id = params[0]
+    try:
+        p = authenticate(_token(headers, q.get("access_token")))
+        first = await my_entry(event_id, p.user_id)
+    except EventPulseError as e:
+        return await from_domain(e)(scope, receive, send)
+    except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
+        return await unexpected(e)(scope, receive, send)
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    body = hub.stream(event_id, p.user_id, first, lambda v: shaped(event_id, v))
+
+    async def pump() -> None:
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    tasks = (asyncio.ensure_future(pump()), asyncio.ensure_future(until_disconnect()))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await body.aclose()

@@ -50,6 +50,7 @@ class Guard:
             if too_big:
                 return await error_response(413, "payload_too_large",
                                             f"body above {self.max_body} bytes")(scope, receive, send)
+        body = b""
         if scope["method"] in ("POST", "PUT", "PATCH"):
             # Read the whole (small) body before routing, under the size limit and a
             # deadline: a client that sends headers and then dribbles its body is cut
@@ -94,9 +95,14 @@ class Guard:
         try:
             if fast is None:
                 await self.app(scope, receive, send_wrapped)
+            elif fast[0] == fastpath.STREAM:
+                await fastpath.stream(fast[1], fast[2], headers, scope, receive, send_wrapped)
             else:
-                response = await fastpath.answer(fast[0], fast[1], fast[2], headers)
-                await response(scope, receive, send_wrapped)
+                response = await fastpath.answer(fast[0], fast[1], fast[2], headers, body)
+                if response is None:
+                    await self.app(scope, receive, send_wrapped)
+                else:
+                    await response(scope, receive, send_wrapped)
         finally:
             if counted:
                 rt.in_flight -= 1

@@ -180,3 +180,87 @@ async def test_coalescer_gives_each_caller_its_own_answer_in_fewer_calls(http, a
     assert [v["user_id"] for v in views] == [users[i % len(users)] for i in range(400)]
     assert [v["position"] for v in views[1:20]] == list(range(1, 20))
     assert c.items == 400 and c.calls < 200, c.calls
+
+
+def test_only_news_is_pushed_to_a_stream():
+    from serve.sse import worth_pushing
+
+    base = {"status": "waiting", "position": 10, "eta_seconds": 100.0, "offer": None}
+    assert not worth_pushing(base, dict(base))
+    assert not worth_pushing(base, {**base, "eta_seconds": 105.0})  # ETA moved 5 %
+    assert worth_pushing(base, {**base, "eta_seconds": 115.0})
+    assert worth_pushing(base, {**base, "eta_seconds": None})
+    assert worth_pushing({**base, "eta_seconds": None}, base)
+    assert worth_pushing(base, {**base, "position": 9})
+    assert worth_pushing(base, {**base, "status": "offered", "offer": {"quantity": 1}})
+    assert worth_pushing(None, base) and worth_pushing(base, None)
+    assert not worth_pushing(None, None)
+
+
+async def test_hub_beats_every_stream_and_pushes_a_change(http, auth_headers, make_event,
+                                                          ray_session, monkeypatch):
+    """One hub task serves every stream of an event: heartbeats without a timer per
+    stream, and a change in the line reaches the stream; an unchanged line sends none."""
+    from serve import sse
+
+    monkeypatch.setattr(sse, "HEARTBEAT_S", 0.3)
+    event = await make_event(total_tickets=1)
+    holder, a, b = unique(), unique(), unique()
+    for u in (holder, a, b):
+        await join(http, auth_headers, event["id"], u)
+    hub = sse.Hub()
+    first = (await sse.direct(event["id"], "view_many", [b]))[0]
+    chunks: list[tuple[float, bytes]] = []
+
+    async def read():
+        async for chunk in hub.stream(event["id"], b, first, lambda v: v):
+            chunks.append((time.monotonic(), chunk))
+
+    reader = asyncio.create_task(read())
+    try:
+        await asyncio.sleep(1.2)
+        assert [c for _, c in chunks if c.startswith(b"id:")] and chunks[0][1].startswith(b"retry")
+        assert len([c for _, c in chunks if c.startswith(b"id:")]) == 1, chunks  # no news
+        assert any(c == b": heartbeat\n\n" for _, c in chunks)
+        async with http.delete(f"/api/events/{event['id']}/queue/me", headers=auth_headers(a)) as d:
+            assert d.status == 200
+        changed_at = time.monotonic()
+        while time.monotonic() < changed_at + 2 and len(
+                [c for _, c in chunks if c.startswith(b"id:")]) < 2:
+            await asyncio.sleep(0.02)
+        pushed = [(t, c) for t, c in chunks if c.startswith(b"id: 2")]
+        assert pushed and b'"position":1' in pushed[0][1]
+        assert pushed[0][0] - changed_at <= 1.0
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    assert hub.open == 0
+
+
+async def test_a_join_answers_the_same_on_the_fast_path_and_through_fastapi(http, auth_headers,
+                                                                            make_event):
+    """Joins take the fast path; a query string sends the same request through FastAPI's
+    route (which ignores it), so both answers can be compared, errors included."""
+    event = await make_event(total_tickets=1)
+    base = f"/api/events/{event['id']}/queue"
+    answers = {}
+    for via, suffix in (("fast", ""), ("fastapi", "?via=fastapi")):
+        seen = []
+        for body, headers in (
+                ({"quantity": 1}, auth_headers(unique())),          # joins
+                ({"quantity": 1}, {}),                               # 401
+                ({"quantity": 0}, auth_headers(unique())),          # 422, FastAPI's words
+                ({"quantity": 1, "seats": 2}, auth_headers(unique())),  # 422: unknown field
+                ({"quantity": 1, "ticket_type": "nope"}, auth_headers(unique()))):  # 4xx
+            async with http.post(base + suffix, json=body, headers=headers) as r:
+                seen.append((r.status, sorted((await r.json()).get("error", {"ok": 1}))))
+        async with http.post(f"/api/events/missing/queue{suffix}", json={"quantity": 1},
+                             headers=auth_headers(unique())) as r:
+            seen.append((r.status, (await r.json())["error"]["code"]))
+        answers[via] = seen
+    assert answers["fast"] == answers["fastapi"], answers
+    assert [s for s, _ in answers["fast"]][:4] == [200, 401, 422, 422]
+    async with http.post(base, json={"quantity": 1}, headers=auth_headers(unique())) as r:
+        entry = await r.json()
+    assert entry["event_id"] == event["id"] and entry["status"] == "waiting"
+    assert entry["position"] >= 1

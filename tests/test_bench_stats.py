@@ -116,3 +116,12 @@ def test_timeline_window() -> None:
     win = s.window(107, 109)
     assert win.requests == 7 + 8 + 9
     assert win.latency.max == pytest.approx(0.010)
+
+
+def test_sse_events_are_split_into_their_data():
+    from bench.http import _sse_data
+
+    assert _sse_data(b"id: 3\nevent: entry\ndata: {\"a\":1}") == b'{"a":1}'
+    assert _sse_data(b": heartbeat") == b""
+    assert _sse_data(b"retry: 2000") == b""
+    assert _sse_data(b"data: [1,\ndata:2]") == b"[1,\n2]"

@@ -150,3 +150,19 @@ async def test_offer_expiry_is_driven_by_the_actor_timer(redis, queue_of):
             break
         await asyncio.sleep(0.1)
     assert va["status"] == "expired" and vb["status"] == "offered"
+
+
+async def test_the_line_version_moves_with_the_line_and_watch_many_reads_it(redis, queue_of):
+    eid = await new_event(redis, total=1)
+    q = queue_of(eid)
+    users = [unique() for _ in range(4)]
+    await q.join_many.remote([(u, 1, None, None) for u in users])
+    version, views = await q.watch_many.remote(users[1:])
+    assert [v["position"] for v in views] == [1, 2, 3]
+    assert await q.version.remote() == version
+    await q.view_many.remote(users)  # reading changes nothing
+    assert await q.version.remote() == version
+    await q.leave.remote(users[1])
+    newer, views = await q.watch_many.remote(users[1:])
+    assert newer > version and await q.version.remote() == newer
+    assert [v and v["position"] for v in views] == [None, 1, 2]
