@@ -125,3 +125,22 @@ def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
 def _ray_auth() -> dict:
     token_file = Path.home() / ".ray" / "auth_token"
     return {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+
+
+def test_one_machine_runs_no_more_replicas_than_cores(tmp_path):
+    import yaml
+
+    from cluster.launcher import SERVE_CONFIG, serve_config_for
+
+    def bounds(cpus):
+        path = serve_config_for("127.0.0.1", 8123, tmp_path, cpus=cpus)
+        config = yaml.safe_load(path.read_text())
+        assert config["http_options"]["port"] == 8123
+        auto = config["applications"][0]["deployments"][0]["autoscaling_config"]
+        return auto["min_replicas"], auto["max_replicas"]
+
+    shipped = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"][0]
+    low, high = shipped["autoscaling_config"]["min_replicas"], shipped["autoscaling_config"]["max_replicas"]
+    assert bounds(2) == (low, max(low, 2))
+    assert bounds(1) == (low, low)  # never below the floor
+    assert bounds(64) == (low, high)  # a big machine keeps the file's bounds
