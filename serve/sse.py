@@ -1,8 +1,9 @@
 """Server-Sent Events of users' entries, pushed when they change.
 
 One hub per replica. For each event with open streams, a single task asks the event's
-actor four times a second for its line's version, and only when that changed (or every
-`FULL_S`) for every listener's entry in one call; the hub then pushes only the
+actor four times a second for its line's version (with the entries of listeners new since
+the last poll), and only when that changed, or every `FULL_S`, for every listener's entry
+in one call; the hub then pushes only the
 entries that changed in a way a waiting person cares about (their status, position or
 offer, or an ETA that moved by more than `ETA_STEP`). So 8,000 open streams cost a few
 small actor calls a second, not 32,000, and a line that moves all the time does not
@@ -49,7 +50,7 @@ class Hub:
         self._listeners: dict[str, dict[str, set[asyncio.Queue]]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._last: dict[str, dict[str, Any]] = {}  # per event: user -> entry last pushed
-        self._fresh: set[str] = set()  # events with listeners added since their last poll
+        self._fresh: dict[str, set[str]] = {}  # per event: listeners added since the last poll
         self.open = 0
 
     def subscribe(self, event_id: str, user_id: str, first: dict[str, Any] | None = None
@@ -57,7 +58,7 @@ class Hub:
         q: asyncio.Queue = asyncio.Queue(maxsize=8)
         self._listeners.setdefault(event_id, {}).setdefault(user_id, set()).add(q)
         self._last.setdefault(event_id, {}).setdefault(user_id, first)
-        self._fresh.add(event_id)
+        self._fresh.setdefault(event_id, set()).add(user_id)
         self.open += 1
         metrics.get("sse_connections").set(self.open)
         if event_id not in self._tasks or self._tasks[event_id].done():
@@ -78,27 +79,34 @@ class Hub:
             listeners, last = self._listeners[event_id], self._last.setdefault(event_id, {})
             users = list(listeners)
             now = time.monotonic()
-            # A new listener's first entry was read when it opened; a line change between
-            # that read and now is only seen by reading everyone again.
-            read = event_id in self._fresh or now - full_at >= FULL_S
-            self._fresh.discard(event_id)
+            fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
             try:
-                if not read:  # one number, instead of thousands of entries
-                    read = await direct(event_id, "version") != version
-                if read:
+                if now - full_at >= FULL_S:
+                    seen, read = -1, users
+                elif fresh:
+                    # New listeners' first entries were read as they opened; reading them
+                    # again now (not everyone) catches a change in between.
+                    seen, views = await direct(event_id, "watch_many", fresh)
+                    read = fresh
+                else:  # one number, instead of thousands of entries
+                    seen, read = await direct(event_id, "version"), []
+                if seen != version:
+                    read = users
+                if read is users:
                     version, views = await direct(event_id, "watch_many", users)
+                    full_at = now
             except Exception as e:  # noqa: BLE001 — the actor restarts: try again shortly
                 log.info("sse poll of %s failed: %s", event_id, e)
-                self._fresh.add(event_id)  # read everyone once it is back
+                full_at = 0.0  # read everyone once it is back
                 await asyncio.sleep(1.0)
                 continue
             if read:
-                full_at = now
-                for user, view in zip(users, views):
+                for user, view in zip(read, views):
                     if worth_pushing(last.get(user), view):
                         last[user] = view
                         for q in list(listeners.get(user, ())):
                             _offer(q, view)
+            if read is users:
                 for gone in set(last) - set(users):
                     last.pop(gone, None)
             # Heartbeats go to one slice of the listeners each round, so every stream

@@ -264,3 +264,42 @@ async def test_a_join_answers_the_same_on_the_fast_path_and_through_fastapi(http
         entry = await r.json()
     assert entry["event_id"] == event["id"] and entry["status"] == "waiting"
     assert entry["position"] >= 1
+
+
+async def test_a_stream_opened_on_a_stale_read_is_corrected_at_once(http, auth_headers,
+                                                                    make_event, ray_session,
+                                                                    monkeypatch):
+    """A listener whose first entry was read before a change the hub has already seen
+    still gets the change: the hub reads new listeners' entries on its next poll (not
+    only at its periodic full read, put out of reach here)."""
+    from serve import sse
+
+    monkeypatch.setattr(sse, "FULL_S", 60.0)
+    event = await make_event(total_tickets=1)
+    holder, a, b = unique(), unique(), unique()
+    for u in (holder, a, b):
+        await join(http, auth_headers, event["id"], u)
+    stale = (await sse.direct(event["id"], "view_many", [b]))[0]
+    assert stale["position"] == 2
+    hub = sse.Hub()
+    got: dict[str, list[bytes]] = {a: [], b: []}
+
+    async def read(user, first):
+        async for chunk in hub.stream(event["id"], user, first, lambda v: v):
+            got[user].append(chunk)
+
+    readers = [asyncio.create_task(read(a, (await sse.direct(event["id"], "view_many", [a]))[0]))]
+    try:
+        await asyncio.sleep(0.6)  # the hub has read the line
+        async with http.delete(f"/api/events/{event['id']}/queue/me", headers=auth_headers(a)) as d:
+            assert d.status == 200
+        await asyncio.sleep(1.0)  # ... and has seen the change
+        readers.append(asyncio.create_task(read(b, stale)))
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline and not any(b'"position":1' in c for c in got[b]):
+            await asyncio.sleep(0.02)
+        assert any(b'"position":1' in c for c in got[b]), got[b]
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
