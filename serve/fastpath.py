@@ -11,7 +11,6 @@ does not recognise exactly, it hands to FastAPI.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 from urllib.parse import parse_qsl
 
@@ -25,7 +24,7 @@ from serve.routes.events import event_response
 from serve.routes import queue
 from serve.routes.queue import my_entry, shaped
 from serve.schemas import JoinIn
-from serve.sse import hub
+from serve.sse import Feed, Writer, hub
 from serve.routes.tickets import tickets_response
 from serve.runtime import get_runtime
 
@@ -147,9 +146,9 @@ async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, byte
     """My entry as Server-Sent Events, written straight to the connection.
 
     The same stream as the FastAPI route's `StreamingResponse`, without the response
-    class's task group and the five middleware `send` wrappers every pushed entry went
-    through: with thousands of streams and a line that moves, those were most of a
-    replica's time.
+    class's task group, the five middleware `send` wrappers every pushed entry went
+    through and a task per stream to wake: the hub writes each change itself
+    (`serve.sse.Writer`). This request's own coroutine only waits for the client to go.
     """
     event_id = params[0]
     try:
@@ -160,21 +159,13 @@ async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, byte
     except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
         return await unexpected(e)(scope, receive, send)
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-    body = hub.stream(event_id, p.user_id, first, lambda v: shaped(event_id, v))
-
-    async def pump() -> None:
-        async for chunk in body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def until_disconnect() -> None:
+    feed = Feed(first, lambda v: shaped(event_id, v))
+    await send({"type": "http.response.body", "body": feed.opening(), "more_body": True})
+    writer = Writer(feed, send)
+    hub.subscribe(event_id, p.user_id, writer, first)
+    try:
         while (await receive())["type"] != "http.disconnect":
             pass
-
-    tasks = (asyncio.ensure_future(pump()), asyncio.ensure_future(until_disconnect()))
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await body.aclose()
+        hub.unsubscribe(event_id, p.user_id, writer)
+        await writer.close()

@@ -29,7 +29,7 @@ FULL_S = 2.0  # read every entry at least this often, even when the line did not
 #               an ETA follows the line's recent outflow, which moves with the clock
 HEARTBEAT_S = 15.0  # keeps proxies from closing idle streams
 ETA_STEP = 0.1  # an ETA that moved by less than 10 % is not news
-HEARTBEAT = object()  # put in each queue about every HEARTBEAT_S: no timer per stream
+HEARTBEAT = object()  # delivered to each stream about every HEARTBEAT_S: no timer per stream
 
 
 def worth_pushing(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
@@ -47,27 +47,27 @@ def worth_pushing(old: dict[str, Any] | None, new: dict[str, Any] | None) -> boo
 
 class Hub:
     def __init__(self) -> None:
-        self._listeners: dict[str, dict[str, set[asyncio.Queue]]] = {}
+        self._listeners: dict[str, dict[str, set[Any]]] = {}  # event -> user -> sinks
         self._tasks: dict[str, asyncio.Task] = {}
         self._last: dict[str, dict[str, Any]] = {}  # per event: user -> entry last pushed
         self._fresh: dict[str, set[str]] = {}  # per event: listeners added since the last poll
         self.open = 0
 
-    def subscribe(self, event_id: str, user_id: str, first: dict[str, Any] | None = None
-                  ) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(maxsize=8)
-        self._listeners.setdefault(event_id, {}).setdefault(user_id, set()).add(q)
+    def subscribe(self, event_id: str, user_id: str, sink: Any,
+                  first: dict[str, Any] | None = None) -> None:
+        """Deliver `user_id`'s entry changes to `sink.deliver(item)` (an entry, None, or
+        HEARTBEAT); `first` is the entry the listener was last given."""
+        self._listeners.setdefault(event_id, {}).setdefault(user_id, set()).add(sink)
         self._last.setdefault(event_id, {}).setdefault(user_id, first)
         self._fresh.setdefault(event_id, set()).add(user_id)
         self.open += 1
         metrics.get("sse_connections").set(self.open)
         if event_id not in self._tasks or self._tasks[event_id].done():
             self._tasks[event_id] = asyncio.get_running_loop().create_task(self._poll(event_id))
-        return q
 
-    def unsubscribe(self, event_id: str, user_id: str, q: asyncio.Queue) -> None:
+    def unsubscribe(self, event_id: str, user_id: str, sink: Any) -> None:
         users = self._listeners.get(event_id, {})
-        users.get(user_id, set()).discard(q)
+        users.get(user_id, set()).discard(sink)
         if not users.get(user_id):
             users.pop(user_id, None)
         self.open -= 1
@@ -104,8 +104,8 @@ class Hub:
                 for user, view in zip(read, views):
                     if worth_pushing(last.get(user), view):
                         last[user] = view
-                        for q in list(listeners.get(user, ())):
-                            _offer(q, view)
+                        for sink in list(listeners.get(user, ())):
+                            sink.deliver(view)
             if read is users:
                 for gone in set(last) - set(users):
                     last.pop(gone, None)
@@ -113,8 +113,8 @@ class Hub:
             # gets one about every HEARTBEAT_S and thousands never all come at once.
             slices = max(1, round(HEARTBEAT_S / POLL_S))
             for user in users[beat % slices::slices]:
-                for q in list(listeners.get(user, ())):
-                    _offer(q, HEARTBEAT)
+                for sink in list(listeners.get(user, ())):
+                    sink.deliver(HEARTBEAT)
             beat += 1
             await asyncio.sleep(POLL_S)
         self._listeners.pop(event_id, None)
@@ -123,32 +123,120 @@ class Hub:
 
     async def stream(self, event_id: str, user_id: str, first: dict[str, Any] | None,
                      shape) -> AsyncIterator[bytes]:
-        """The SSE byte stream of one listener; `shape` turns a view into the body."""
-        q = self.subscribe(event_id, user_id, first)
-        seq = 0
+        """The SSE byte stream of one listener, for a `StreamingResponse`; `shape` turns a
+        view into the body. (The fast path writes to the connection instead: `Writer`.)"""
+        feed, sink = Feed(first, shape), _QueueSink()
+        self.subscribe(event_id, user_id, sink, first)
         try:
-            yield b"retry: 2000\n\n"
-            if first is not None:
-                seq += 1
-                yield b"id: %d\nevent: entry\ndata: %s\n\n" % (seq, orjson.dumps(shape(first)))
+            yield feed.opening()
             while True:
-                view = await q.get()
-                if view is HEARTBEAT:
-                    yield b": heartbeat\n\n"
-                    continue
-                if view is None or view == first:
-                    continue
-                first = view
-                seq += 1
-                yield b"id: %d\nevent: entry\ndata: %s\n\n" % (seq, orjson.dumps(shape(view)))
+                chunk = feed.event(await sink.q.get())
+                if chunk is not None:
+                    yield chunk
         finally:
-            self.unsubscribe(event_id, user_id, q)
+            self.unsubscribe(event_id, user_id, sink)
 
 
-def _offer(q: asyncio.Queue, item: Any) -> None:
-    if q.full():
-        q.get_nowait()  # a slow reader only needs the newest state
-    q.put_nowait(item)
+class Feed:
+    """One listener's SSE events: numbered, with repeats of the last entry dropped."""
+
+    def __init__(self, first: dict[str, Any] | None, shape) -> None:
+        self.first, self.shape, self.seq = first, shape, 0
+
+    def opening(self) -> bytes:
+        out = b"retry: 2000\n\n"
+        if self.first is not None:
+            self.seq += 1
+            out += b"id: %d\nevent: entry\ndata: %s\n\n" % (self.seq, orjson.dumps(self.shape(self.first)))
+        return out
+
+    def event(self, item: Any) -> bytes | None:
+        if item is HEARTBEAT:
+            return b": heartbeat\n\n"
+        if item is None or item == self.first:
+            return None
+        self.first = item
+        self.seq += 1
+        return b"id: %d\nevent: entry\ndata: %s\n\n" % (self.seq, orjson.dumps(self.shape(item)))
+
+
+class _QueueSink:
+    def __init__(self) -> None:
+        self.q: asyncio.Queue = asyncio.Queue(maxsize=8)
+
+    def deliver(self, item: Any) -> None:
+        if self.q.full():
+            self.q.get_nowait()  # a slow reader only needs the newest state
+        self.q.put_nowait(item)
+
+
+class Writer:
+    """Writes a listener's events from the hub's own task straight to the connection.
+
+    A write to a client that keeps up completes without suspending, so it is done in
+    place: no task per stream to wake, which is what 8,000 streams moving at once spent
+    their time on. A write that must wait for a slow client finishes in a task of its
+    own; events arriving meanwhile queue behind it (the newest `BACKLOG` of them).
+    """
+
+    BACKLOG = 8
+
+    def __init__(self, feed: Feed, send) -> None:
+        self.feed, self.send = feed, send
+        self._task: asyncio.Task | None = None
+        self._backlog: list[bytes] = []
+        self.closed = False
+
+    def deliver(self, item: Any) -> None:
+        chunk = self.feed.event(item)
+        if chunk is None or self.closed:
+            return
+        if self._task is not None:
+            self._backlog = (self._backlog + [chunk])[-self.BACKLOG:]
+            return
+        coro = self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 — the connection is gone; the stream ends
+            log.info("sse write failed: %s", e)
+            self.closed = True
+            return
+        self._task = asyncio.ensure_future(self._finish(coro, waiting))
+
+    async def _finish(self, coro, waiting) -> None:
+        """Drive a suspended write to its end (as asyncio's Task would), then the backlog."""
+        try:
+            while True:
+                try:
+                    await (waiting if waiting is not None else asyncio.sleep(0))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 — the write itself sees it on resuming
+                    pass
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    break
+            while self._backlog and not self.closed:
+                chunk = self._backlog.pop(0)
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as e:  # noqa: BLE001 — the connection is gone; the stream ends
+            log.info("sse write failed: %s", e)
+            self.closed = True
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        self.closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 hub = Hub()

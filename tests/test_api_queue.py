@@ -214,7 +214,8 @@ async def test_hub_beats_every_stream_and_pushes_a_change(http, auth_headers, ma
 
     async def read():
         async for chunk in hub.stream(event["id"], b, first, lambda v: v):
-            chunks.append((time.monotonic(), chunk))
+            # one element per SSE event (the opening chunk holds two)
+            chunks.extend((time.monotonic(), e + b"\n\n") for e in chunk.split(b"\n\n") if e)
 
     reader = asyncio.create_task(read())
     try:
@@ -303,3 +304,39 @@ async def test_a_stream_opened_on_a_stale_read_is_corrected_at_once(http, auth_h
         for r in readers:
             r.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_the_writer_writes_in_place_and_finishes_a_write_that_must_wait():
+    """The fast path's stream writer: a client that keeps up is written to from the
+    hub's own task; a write that must wait (a slow client) finishes in a task of its own
+    and later events follow it in order."""
+    from serve.sse import HEARTBEAT, Feed, Writer
+
+    sent: list[bytes] = []
+    gate: asyncio.Future | None = None
+
+    async def send(message):
+        if gate is not None and not gate.done():
+            await gate
+        sent.append(message["body"])
+
+    writer = Writer(Feed(None, lambda v: v), send)
+    writer.deliver({"position": 3})
+    assert len(sent) == 1 and b'"position":3' in sent[0]  # done in place, no task
+    gate = asyncio.get_running_loop().create_future()
+    writer.deliver({"position": 2})
+    writer.deliver({"position": 2})  # a repeat is dropped
+    writer.deliver({"position": 1})
+    writer.deliver(HEARTBEAT)
+    assert len(sent) == 1
+    gate.set_result(None)
+    for _ in range(100):
+        if len(sent) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert [orjson.loads(c.split(b"data: ")[1])["position"] for c in sent[:3]] == [3, 2, 1]
+    assert [c.split(b"\n")[0] for c in sent[:3]] == [b"id: 1", b"id: 2", b"id: 3"]
+    assert sent[3] == b": heartbeat\n\n"
+    await writer.close()
+    writer.deliver({"position": 0})
+    assert len(sent) == 4  # closed: nothing more
