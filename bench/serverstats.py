@@ -48,10 +48,12 @@ def _replicas(v: Any) -> float | None:
 def extract(obj: Any) -> dict[str, float | None]:
     """cache hits/misses, replicas, the server's own hit rate and open SSE streams from one
     stats answer (None where absent). The numbers are one replica's (whichever answered)."""
-    out: dict[str, float | None] = {"cache_hits": None, "cache_misses": None, "replicas": None,
-                                    "server_hit_rate": None, "sse_open": None}
+    out: dict[str, Any] = {"cache_hits": None, "cache_misses": None, "replicas": None,
+                           "server_hit_rate": None, "sse_open": None, "replica": None}
     if not isinstance(obj, dict):
         return out
+    if isinstance(obj.get("replica"), str):
+        out["replica"] = obj["replica"]
     out["server_hit_rate"] = _num(obj.get("cache_hit_rate"))
     out["sse_open"] = _num(obj.get("sse_open"))
     c = _cache_totals(obj.get("cache"))
@@ -61,23 +63,44 @@ def extract(obj: Any) -> dict[str, float | None]:
     return out
 
 
+def _delta(prev: dict[str, Any], s: dict[str, Any]) -> tuple[float, float] | None:
+    """(hits, misses) between two samples of the same counters, None when not comparable."""
+    if prev.get("cache_hits") is None or s.get("cache_hits") is None:
+        return None
+    dh = s["cache_hits"] - prev["cache_hits"]
+    dm = (s.get("cache_misses") or 0) - (prev.get("cache_misses") or 0)
+    return (dh, dm) if dh >= 0 and dm >= 0 else None
+
+
 def hit_rate_series(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add `cache_hit_rate` to each sample: hits / lookups since the previous sample."""
+    """Add `cache_hit_rate` to each sample: hits / lookups since the previous sample of the
+    same replica (each answer carries one replica's counters, whichever answered)."""
     out = []
-    prev: dict[str, Any] | None = None
+    prev_of: dict[Any, dict[str, Any]] = {}
     for s in samples:
         row = dict(s)
-        rate = None
-        if prev is not None and s.get("cache_hits") is not None \
-                and prev.get("cache_hits") is not None:
-            dh = s["cache_hits"] - prev["cache_hits"]
-            dm = (s.get("cache_misses") or 0) - (prev.get("cache_misses") or 0)
-            if dh >= 0 and dm >= 0 and dh + dm > 0:
-                rate = round(dh / (dh + dm), 4)
-        row["cache_hit_rate"] = rate
+        prev = prev_of.get(s.get("replica"))
+        d = _delta(prev, s) if prev is not None else None
+        row["cache_hit_rate"] = round(d[0] / (d[0] + d[1]), 4) if d and d[0] + d[1] > 0 else None
         out.append(row)
-        prev = s
+        prev_of[s.get("replica")] = s
     return out
+
+
+def overall_hit_rate(samples: list[dict[str, Any]]) -> float | None:
+    """Hits / lookups over the run, summed over replicas from each one's first and last
+    sample (counters of different replicas are never subtracted from each other)."""
+    first: dict[Any, dict[str, Any]] = {}
+    last: dict[Any, dict[str, Any]] = {}
+    for s in samples:
+        first.setdefault(s.get("replica"), s)
+        last[s.get("replica")] = s
+    hits = misses = 0.0
+    for replica, f in first.items():
+        d = _delta(f, last[replica])
+        if d:
+            hits, misses = hits + d[0], misses + d[1]
+    return round(hits / (hits + misses), 4) if hits + misses > 0 else None
 
 
 @dataclass
@@ -92,17 +115,9 @@ class ServerStats:
         self.samples.append({"t": round(t, 3), **extract(obj)})
 
     def to_report(self) -> dict[str, Any]:
-        samples = hit_rate_series(self.samples)
-        overall = None
-        if len(self.samples) >= 2:
-            first, last = self.samples[0], self.samples[-1]
-            if first["cache_hits"] is not None and last["cache_hits"] is not None:
-                dh = last["cache_hits"] - first["cache_hits"]
-                dm = (last["cache_misses"] or 0) - (first["cache_misses"] or 0)
-                if dh + dm > 0:
-                    overall = round(dh / (dh + dm), 4)
-        return {"available": bool(self.available), "cache_hit_rate": overall,
-                "samples": samples}
+        return {"available": bool(self.available),
+                "cache_hit_rate": overall_hit_rate(self.samples),
+                "samples": hit_rate_series(self.samples)}
 
 
 async def scrape_loop(worker: Any, headers: dict[str, str], start: float,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -151,6 +153,7 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         stats = pool_stats(get_client(self.settings))
         return {
+            "replica": f"{socket.gethostname()}:{os.getpid()}",  # whose counters these are
             "uptime_s": round(time.time() - self.started, 1),
             "requests": self.requests,
             "in_flight": self.in_flight,

@@ -48,5 +48,6 @@ async def test_deployment_stats_for_capacity_planning(http, auth_headers):
         stats = await r.json()
         assert r.status == 200
         assert stats["redis_pool"]["max"] >= 1 and "cache" in stats and "requests" in stats
+        assert stats["replica"].count(":") == 1  # host:pid, so reports diff one replica's counters
     async with http.get("/api/admin/stats", headers=auth_headers(unique())) as r:
         assert r.status == 403

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 
 from bench.report import SCHEMA, build_report, write_report
-from bench.serverstats import ServerStats, extract, hit_rate_series
+from bench.serverstats import ServerStats, extract, hit_rate_series, overall_hit_rate
 from bench.stats import Stats
 
 
@@ -69,7 +69,7 @@ def test_report_without_server_stats_or_requests(tmp_path: Path) -> None:
 def test_extract_tolerates_shapes() -> None:
     assert extract({"cache": {"hits": 3, "misses": 1}, "replicas": 2}) == {
         "cache_hits": 3.0, "cache_misses": 1.0, "replicas": 2.0,
-        "server_hit_rate": None, "sse_open": None}
+        "server_hit_rate": None, "sse_open": None, "replica": None}
     e = extract({"cache": {"events": {"hits": 1, "misses": 2, "size": 5},
                            "tickets": {"hits": 4, "misses": 0}},
                  "replicas": {"api": 2, "other": [1, 2, 3]}, "cache_hit_rate": 0.5,
@@ -87,3 +87,14 @@ def test_hit_rate_series_is_per_interval() -> None:
                             {"t": 2, "cache_hits": 5, "cache_misses": 1},   # other replica
                             {"t": 3, "cache_hits": None, "cache_misses": None}])
     assert [r["cache_hit_rate"] for r in rows] == [None, 0.9, None, None]
+
+
+def test_hit_rates_never_subtract_one_replicas_counters_from_anothers() -> None:
+    a = lambda t, h, m: {"t": t, "replica": "a", "cache_hits": h, "cache_misses": m}  # noqa: E731
+    b = lambda t, h, m: {"t": t, "replica": "b", "cache_hits": h, "cache_misses": m}  # noqa: E731
+    samples = [a(0, 100, 10), b(1, 5, 5), a(2, 190, 20), b(3, 25, 5)]
+    assert [r["cache_hit_rate"] for r in hit_rate_series(samples)] == [None, None, 0.9, 1.0]
+    # a: 90 hits, 10 misses; b: 20 hits, 0 misses -> 110 / 120
+    assert overall_hit_rate(samples) == round(110 / 120, 4)
+    assert overall_hit_rate([b(0, 50, 0), a(1, 10, 0)]) is None  # one sample each: no interval
+    assert extract({"replica": "host:1", "cache": {"hits": 1, "misses": 0}})["replica"] == "host:1"
