@@ -49,5 +49,7 @@ async def test_deployment_stats_for_capacity_planning(http, auth_headers):
         assert r.status == 200
         assert stats["redis_pool"]["max"] >= 1 and "cache" in stats and "requests" in stats
         assert stats["replica"].count(":") == 1  # host:pid, so reports diff one replica's counters
+        assert stats["gc"]["thresholds"] == [700, 10, 100]  # fewer full passes (serve/runtime.py)
+        assert len(stats["gc"]["collections"]) == 3
     async with http.get("/api/admin/stats", headers=auth_headers(unique())) as r:
         assert r.status == 403
