@@ -63,9 +63,9 @@ def extract(obj: Any) -> dict[str, float | None]:
     return out
 
 
-def _delta(prev: dict[str, Any], s: dict[str, Any]) -> tuple[float, float] | None:
+def _delta(prev: dict[str, Any] | None, s: dict[str, Any]) -> tuple[float, float] | None:
     """(hits, misses) between two samples of the same counters, None when not comparable."""
-    if prev.get("cache_hits") is None or s.get("cache_hits") is None:
+    if prev is None or prev.get("cache_hits") is None or s.get("cache_hits") is None:
         return None
     dh = s["cache_hits"] - prev["cache_hits"]
     dm = (s.get("cache_misses") or 0) - (prev.get("cache_misses") or 0)
@@ -79,8 +79,7 @@ def hit_rate_series(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     prev_of: dict[Any, dict[str, Any]] = {}
     for s in samples:
         row = dict(s)
-        prev = prev_of.get(s.get("replica"))
-        d = _delta(prev, s) if prev is not None else None
+        d = _delta(prev_of.get(s.get("replica")), s)
         row["cache_hit_rate"] = round(d[0] / (d[0] + d[1]), 4) if d and d[0] + d[1] > 0 else None
         out.append(row)
         prev_of[s.get("replica")] = s

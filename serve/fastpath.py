@@ -87,9 +87,12 @@ async def answer(route: str, params: list[str], q: dict[str, str],
     """The response of a matched request, gzipped like the app's larger answers; None
     hands the request to FastAPI (a join whose body is not exactly right gets FastAPI's
     own validation answer)."""
+    join = None
     if route == JOIN:
-        return await _join(params[0], headers, body)
-    response = await _answer(route, params, q, headers)
+        join = _join_body(headers, body)
+        if join is None:
+            return None
+    response = await _answer(route, params, q, headers, join)
     if len(response.body) >= GZIP_MIN and b"gzip" in headers.get(b"accept-encoding", b""):
         out = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         out.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
@@ -98,27 +101,29 @@ async def answer(route: str, params: list[str], q: dict[str, str],
     return response
 
 
-async def _join(event_id: str, headers: dict[bytes, bytes], body: bytes) -> Response | None:
+def _join_body(headers: dict[bytes, bytes], body: bytes) -> JoinIn | None:
+    """A join's body when it is exactly the documented JSON, else None."""
     if not headers.get(b"content-type", b"").startswith(b"application/json"):
         return None
     try:
-        data = JoinIn.model_validate_json(body)
+        return JoinIn.model_validate_json(body)
     except ValueError:
         return None
-    try:
-        return await queue.join(event_id, data, authenticate(_token(headers)))
-    except EventPulseError as e:
-        return from_domain(e)
-    except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
-        return unexpected(e)
+
+
+def _failure(e: Exception) -> Response:
+    """The answer FastAPI's exception handlers give for an error raised on the fast path."""
+    return from_domain(e) if isinstance(e, EventPulseError) else unexpected(e)
 
 
 async def _answer(route: str, params: list[str], q: dict[str, str],
-                  headers: dict[bytes, bytes]) -> Response:
+                  headers: dict[bytes, bytes], join: JoinIn | None = None) -> Response:
     if route == HEALTH:
         return json({"status": "ok"})
     try:
         p = authenticate(_token(headers))
+        if route == JOIN:
+            return await queue.join(params[0], join, p)
         inm = headers.get(b"if-none-match", b"").decode("latin-1") or None
         if route == EVENT:
             return await event_response(params[0], inm)
@@ -131,10 +136,8 @@ async def _answer(route: str, params: list[str], q: dict[str, str],
             require_self(p, q["userId"])
             return json(await my_entry(q["eventId"], q["userId"]))
         return await tickets_response(p, params[0], q.get("eventId"), q.get("fields"), inm)
-    except EventPulseError as e:
-        return from_domain(e)
-    except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
-        return unexpected(e)
+    except Exception as e:  # noqa: BLE001 — answered as FastAPI's handlers would
+        return _failure(e)
 
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -154,10 +157,8 @@ async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, byte
     try:
         p = authenticate(_token(headers, q.get("access_token")))
         first = await my_entry(event_id, p.user_id)
-    except EventPulseError as e:
-        return await from_domain(e)(scope, receive, send)
-    except Exception as e:  # noqa: BLE001 — same answer FastAPI's handler gives
-        return await unexpected(e)(scope, receive, send)
+    except Exception as e:  # noqa: BLE001 — answered as FastAPI's handlers would
+        return await _failure(e)(scope, receive, send)
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     feed = Feed(first, lambda v: shaped(event_id, v))
     await send({"type": "http.response.body", "body": feed.opening(), "more_body": True})

@@ -53,6 +53,7 @@ class Runtime:
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
         self._listener: asyncio.Task | None = None
         self.started = time.time()
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"  # whose counters `stats` are
         self.requests = 0
         self.in_flight = 0
         self.sse_open = 0
@@ -163,7 +164,7 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         stats = pool_stats(get_client(self.settings))
         return {
-            "replica": f"{socket.gethostname()}:{os.getpid()}",  # whose counters these are
+            "replica": self.replica,
             "uptime_s": round(time.time() - self.started, 1),
             "requests": self.requests,
             "in_flight": self.in_flight,
