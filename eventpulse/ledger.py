@@ -16,7 +16,7 @@ import orjson
 
 from eventpulse import keys
 from eventpulse.errors import DecodeError, EventNotFound
-from eventpulse.redis import RedisClient
+from eventpulse.redis import RedisClient, RedisCluster
 
 TICKET_FORMAT = 1
 TOTAL = "_total"
@@ -34,6 +34,17 @@ if redis.call('HGET', event, 'state') == 'cancelled' then
   for i = 6, #KEYS do out[#out + 1] = {'rejected', 'event_cancelled'} end
   return out
 end
+-- Counters are read once and written once per call, and the event's new tickets and
+-- buyers in one HSET each: per purchase the script writes only its own record.
+local caps, solds, added, new_buyers, new_tickets = {}, {}, {}, {}, {}
+local function num(key, cache, field, default)
+  local v = cache[field]
+  if v == nil then
+    v = tonumber(redis.call('HGET', key, field) or default)
+    cache[field] = v
+  end
+  return v
+end
 local out, a = {}, 2
 local n = tonumber(ARGV[1])
 for i = 1, n do
@@ -43,7 +54,7 @@ for i = 1, n do
   local base = a + 5
   a = base + 2 * nt
   local status = redis.call('HGET', rec, 'status')
-  local buyer = redis.call('HGET', buyers, user)
+  local buyer = new_buyers[user] or redis.call('HGET', buyers, user)
   if status == 'committed' then
     out[#out + 1] = {'duplicate', redis.call('HGET', rec, 'tickets')}
   elseif status == 'rejected' or status == 'declined' or status == 'failed' then
@@ -52,29 +63,47 @@ for i = 1, n do
     redis.call('HSET', rec, 'status', 'rejected', 'reason', 'already_purchased')
     out[#out + 1] = {'rejected', 'already_purchased'}
   else
-    local cap_t = tonumber(redis.call('HGET', capacity, ttype) or '-1')
-    local cap = tonumber(redis.call('HGET', capacity, '_total') or '0')
-    local sold_t = tonumber(redis.call('HGET', sold, ttype) or '0')
-    local sold_all = tonumber(redis.call('HGET', sold, '_total') or '0')
-    if cap_t < 0 then
+    local cap_t = num(capacity, caps, ttype, '-1')
+    local cap = num(capacity, caps, '_total', '0')
+    local sold_t = num(sold, solds, ttype, '0')
+    local sold_all = num(sold, solds, '_total', '0')
+    if cap_t < 0 or ttype == '_total' then
       out[#out + 1] = {'rejected', 'unknown_ticket_type'}
     elseif sold_t + qty > cap_t or sold_all + qty > cap then
       redis.call('HSET', rec, 'status', 'rejected', 'reason', 'sold_out')
       out[#out + 1] = {'rejected', 'sold_out'}
     else
-      redis.call('HINCRBY', sold, ttype, qty)
-      redis.call('HINCRBY', sold, '_total', qty)
+      solds[ttype] = sold_t + qty
+      solds['_total'] = sold_all + qty
+      added[ttype] = (added[ttype] or 0) + qty
+      added['_total'] = (added['_total'] or 0) + qty
       local ids = {}
       for t = 0, nt - 1 do
-        redis.call('HSET', tickets, ARGV[base + 2 * t], ARGV[base + 2 * t + 1])
-        ids[#ids + 1] = ARGV[base + 2 * t]
+        local tid = ARGV[base + 2 * t]
+        new_tickets[#new_tickets + 1] = tid
+        new_tickets[#new_tickets + 1] = ARGV[base + 2 * t + 1]
+        ids[#ids + 1] = tid
       end
       local joined = table.concat(ids, ',')
       redis.call('HSET', rec, 'status', 'committed', 'tickets', joined)
-      redis.call('HSET', buyers, user, pid)
+      new_buyers[user] = pid
       out[#out + 1] = {'committed', joined}
     end
   end
+end
+for field, qty in pairs(added) do
+  redis.call('HINCRBY', sold, field, qty)
+end
+for i = 1, #new_tickets, 1000 do
+  redis.call('HSET', tickets, unpack(new_tickets, i, math.min(i + 999, #new_tickets)))
+end
+local pairs_ = {}
+for user, pid in pairs(new_buyers) do
+  pairs_[#pairs_ + 1] = user
+  pairs_[#pairs_ + 1] = pid
+end
+for i = 1, #pairs_, 1000 do
+  redis.call('HSET', buyers, unpack(pairs_, i, math.min(i + 999, #pairs_)))
 end
 return out
 """
@@ -109,6 +138,22 @@ for i = 1, #KEYS do
 end
 return out
 """
+
+# KEYS: per user, their ticket index and its version stamp.  ARGV: per user, n, then n
+# (ticket id, record) pairs. One call writes a whole batch's user side (single node only:
+# in a cluster each user is a slot of their own, so there a pipeline does the same).
+_INDEX_LUA = """
+local a = 1
+for i = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  for j = a + 1, a + 2 * n, 2 * CHUNK do
+    redis.call('HSET', KEYS[i], unpack(ARGV, j, math.min(j + 2 * CHUNK - 1, a + 2 * n)))
+  end
+  redis.call('INCR', KEYS[i + 1])
+  a = a + 2 * n + 1
+end
+return #KEYS / 2
+""".replace("CHUNK", "500")
 
 
 def new_id() -> str:
@@ -189,6 +234,7 @@ class Ledger:
         self._commit = r.register_script(_COMMIT_LUA)
         self._settle = r.register_script(_SETTLE_LUA)
         self._statuses = r.register_script(_STATUSES_LUA)
+        self._index = r.register_script(_INDEX_LUA)
 
     async def commit(self, event_id: str, items: list[dict[str, Any]], now: float | None = None,
                      blobs_out: dict[str, tuple[str, bytes]] | None = None
@@ -270,11 +316,21 @@ class Ledger:
             for tid, blob in zip(unknown, blobs):
                 if blob is not None:
                     by_user.setdefault(unpack_ticket(blob, event_id)["user_id"], {})[tid] = blob
-        pipe = self.r.pipeline(transaction=False)
+        if isinstance(self.r, RedisCluster):
+            pipe = self.r.pipeline(transaction=False)
+            for user, mapping in by_user.items():
+                pipe.hset(keys.user_tickets(user), mapping=mapping)
+                pipe.incr(keys.user_tickets_version(user))
+            await pipe.execute()
+            return set(by_user)
+        keys_: list[str] = []
+        args: list[Any] = []
         for user, mapping in by_user.items():
-            pipe.hset(keys.user_tickets(user), mapping=mapping)
-            pipe.incr(keys.user_tickets_version(user))
-        await pipe.execute()
+            keys_ += [keys.user_tickets(user), keys.user_tickets_version(user)]
+            args.append(len(mapping))
+            for pair in mapping.items():
+                args += pair
+        await self._index(keys=keys_, args=args)
         return set(by_user)
 
     async def refund_event(self, event_id: str) -> int:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eventpulse.ledger import TOTAL
+
 Strict = ConfigDict(extra="forbid")
 NAME = Field(min_length=1, max_length=200)
 
@@ -25,6 +27,13 @@ class TicketTypeIn(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.-]+$")
     price: float = Field(ge=0, le=1_000_000)
     quantity: int = Field(ge=1, le=10_000_000)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == TOTAL:  # the ledger's counters keep the event's total under this field
+            raise ValueError(f"{TOTAL!r} is reserved")
+        return v
 
 
 class EventIn(BaseModel):

@@ -88,6 +88,11 @@ async def test_invalid_and_malformed_bodies_are_4xx_with_clear_messages(http, au
     types = [{"name": "vip", "price": 100, "quantity": 2}, {"name": "floor", "price": 50, "quantity": 2}]
     async with http.post("/api/events", json={**EVENT_BODY, "ticket_types": types}, headers=org) as r:
         assert r.status == 422  # 4 != total_tickets 10
+    # The ledger keeps an event's total beside its types' counts: that name is taken.
+    types = [{"name": "_total", "price": 1, "quantity": 10}]
+    async with http.post("/api/events", json={**EVENT_BODY, "ticket_types": types}, headers=org) as r:
+        assert r.status == 422
+        assert "reserved" in (await r.json())["error"]["message"]
 
 
 async def test_event_with_ticket_types_and_list_pagination(http, auth_headers, make_event):

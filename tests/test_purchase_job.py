@@ -190,6 +190,47 @@ async def test_the_ledger_guard_holds_1000_concurrent_commits(redis):
     assert await check_ledger(redis, event_id, caps) == {"A": 3, "B": 2, "_total": 5}
 
 
+async def test_one_commit_call_sells_a_batch_exactly_to_capacity(redis):
+    """The script counts within a call: a batch larger than what is left sells what is
+    left, per type and in total; a user twice in one call buys once; a record already
+    committed comes back as a duplicate; the user side is indexed in one call."""
+    caps = {"A": 5, "B": 3}
+    event_id = await make_event(redis, caps, max_per_user=4)
+    book = ledger.Ledger(redis)
+
+    def item(user: str, ttype: str, qty: int = 1) -> dict:
+        return {"purchase_id": ledger.new_id(), "user_id": user, "quantity": qty,
+                "ticket_type": ttype, "unit_price": 10.0, "payment_reference": "test_ok_1"}
+
+    twice = unique()
+    items = [item(unique(), "A", 2), item(twice, "B"), item(twice, "B")]
+    items += [item(unique(), "A") for _ in range(6)] + [item(unique(), "B", 2) for _ in range(3)]
+    blobs: dict = {}
+    results = await book.commit(event_id, items, blobs_out=blobs)
+    by_status = Counter(status for status, _ in results)
+    assert results[1][0] == "committed"
+    assert results[2] == ("rejected", "already_purchased")
+    sold = await check_ledger(redis, event_id, caps)
+    assert sold == {"A": 5, "B": 3, "_total": 8}
+    assert by_status["committed"] == 1 + 1 + 3 + 1  # A×2, B×1, three A×1, one B×2
+    assert (await redis.hget(keys.event_buyers(event_id), twice)).decode() == items[1]["purchase_id"]
+    again = await book.commit(event_id, [items[0]])
+    assert again == [("duplicate", results[0][1])]
+    assert await check_ledger(redis, event_id, caps) == sold
+
+    committed = [it for it, (status, _) in zip(items, results) if status == "committed"]
+    tids = [t for (status, ids) in results if status == "committed" for t in ids]
+    users = await book.index_tickets(event_id, tids, blobs)
+    assert users == {it["user_id"] for it in committed}
+    for it in committed:
+        mine = await ledger.user_tickets(redis, it["user_id"])
+        assert [t["purchase_id"] for t in mine] == [it["purchase_id"]] * it["quantity"]
+        assert int(await redis.get(keys.user_tickets_version(it["user_id"]))) == 1
+    # Again without the known records (a replay after a crash): read back, same result.
+    await book.index_tickets(event_id, tids)
+    assert int(await redis.get(keys.user_tickets_version(twice))) == 2
+    assert len(await ledger.user_tickets(redis, twice)) == 1
+
 # (b) an offer buys at most once; a replay never makes a second ticket -------------------
 async def test_an_offer_buys_at_most_once(redis):
     event_id = await make_event(redis, {"A": 10}, max_per_user=2)
