@@ -131,6 +131,7 @@ async def run_job(args) -> None:
     reqs = await prepare(args.purchases, args.events, args.partitions)
     print(f"prepared {len(reqs)} accepted purchases on {args.events} events in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
+    args.batch_size = args.batch_size or get_settings().purchase_batch_size
     overrides = {"purchase_batch_size": args.batch_size, "purchase_partitions": args.partitions}
     r = get_client()
     for p in range(args.partitions):  # groups exist before the clock starts
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--purchases", type=int, default=50_000)
     p.add_argument("--events", type=int, default=10)
     p.add_argument("--partitions", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the setting purchase_batch_size")
     p.add_argument("--http", action="store_true", help="end to end through the API")
     p.add_argument("--concurrency", type=int, default=200, help="--http: connections")
     p.add_argument("--profile", action="store_true", help="cProfile partition 0 in-process")

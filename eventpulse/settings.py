@@ -95,7 +95,10 @@ class Settings(BaseSettings):
 
     # purchases -------------------------------------------------------------------
     purchase_partitions: int = Field(4, description="Purchase streams (P) and job consumers.")
-    purchase_batch_size: int = Field(500, description="Requests a consumer takes at once.")
+    purchase_batch_size: int = Field(
+        1000, ge=1, description="Most requests a consumer takes at once (XREADGROUP COUNT: "
+        "a cap, so a light load still goes in small batches; under a backlog larger batches "
+        "share each event's round trips among more purchases).")
     purchase_batch_wait_ms: int = Field(
         1000, ge=1, description="How long an idle consumer blocks for work (XREADGROUP BLOCK: "
         "it returns as soon as a request arrives, so this costs no latency; a short block "
