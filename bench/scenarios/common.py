@@ -95,7 +95,36 @@ async def watch_entry(w: Worker, event_id: str, headers: dict[str, str], *, poll
     finally:
         if opened and on_close is not None:
             on_close()
-    # stream refused or ended: poll
+    async for update in poll_entry(w, path, headers, poll_s):  # stream refused or ended
+        yield update
+
+
+async def follow_entry(w: Worker, event_id: str, headers: dict[str, str], *, poll_s: float,
+                       on_entry: Callable[[float, dict[str, Any], str], None],
+                       on_open: Callable[[], None] | None = None,
+                       on_close: Callable[[], None] | None = None) -> None:
+    """`watch_entry` by callback: `on_entry(arrival, entry, via)` runs as each event is
+    read (`Worker.follow`), with no task woken per event — for crowds of streams."""
+    path = f"/api/events/{event_id}/queue/me"
+
+    def event(payload: Any) -> None:
+        if isinstance(payload, dict):
+            on_entry(time.monotonic(), payload, "sse")
+
+    opened = False
+    try:
+        opened = await w.follow(path + "/stream", "stream_open", headers=headers,
+                                on_event=event, on_open=on_open)
+    finally:
+        if opened and on_close is not None:
+            on_close()
+    async for at, entry, via in poll_entry(w, path, headers, poll_s):
+        on_entry(at, entry, via)
+
+
+async def poll_entry(w: Worker, path: str, headers: dict[str, str], poll_s: float
+                     ) -> AsyncIterator[tuple[float, dict[str, Any], str]]:
+    """Poll `path` (the user's entry) every `poll_s` s until the run's budget ends."""
     while w.budget.live():
         try:
             r = await w.call("GET", path, "queue_me", headers=headers)
