@@ -103,6 +103,13 @@ class Guard:
                     await self.app(scope, receive, send_wrapped)
                 else:
                     await response(scope, receive, send_wrapped)
+        except asyncio.CancelledError:
+            # Cancelled before any answer: the client went away (Serve cancels the request
+            # when its connection closes). Counted as nginx's 499, not as a 500 that the
+            # 5xx alert would page on: a crowd that gives up is not a server error.
+            if status == 500:
+                status = 499
+            raise
         finally:
             if counted:
                 rt.in_flight -= 1
