@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,7 +12,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from bench.stats import Sink
+from bench.stats import AS_DESIGNED, Sink
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -124,8 +123,7 @@ class Worker:
         self.sink = Sink()
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s,
-                                                     sock_read=None)
+        self._connect_timeout_s = timeout_s
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Worker:
@@ -143,9 +141,14 @@ class Worker:
     async def call(self, method: str, path: str, route: str, *,
                    headers: dict[str, str] | None = None, json: Any = None,
                    params: dict[str, Any] | None = None, budgeted: bool = True,
-                   want_body: bool = True, record: bool = True) -> Response:
+                   want_body: bool = True, record: bool = True,
+                   expected: Any = None) -> Response:
         """One timed request, recorded under `route`. Never raises for HTTP/transport errors;
-        raises BudgetExhausted (before sending) when `budgeted` and the run is over."""
+        raises BudgetExhausted (before sending) when `budgeted` and the run is over.
+
+        `expected(status, body)` marks a refusal the scenario counts on (a flash sale's
+        late joiners told `409 sold_out`): recorded as "409 as designed", not an error.
+        """
         assert self.session is not None
         if budgeted:
             self.budget.take()
@@ -170,7 +173,9 @@ class Worker:
         except (aiohttp.ClientError, OSError):
             status, body, rh = "conn", None, None
         if record:
-            self.sink.record(route, time.perf_counter() - t0, status, time.time())
+            shown = f"{status}{AS_DESIGNED}" if expected is not None and isinstance(
+                status, int) and status >= 400 and expected(status, body) else status
+            self.sink.record(route, time.perf_counter() - t0, shown, time.time())
         return Response(status, body, rh)
 
     async def follow(self, path: str, route: str, *, headers: dict[str, str],
@@ -178,7 +183,8 @@ class Worker:
         """Read the SSE stream at `path`, calling `on_event(payload)` for each event as it
         arrives, until the stream ends; True if it was established (200).
 
-        The time to the response head is recorded under `route`, failures as in `stream`.
+        The time to the response head is recorded under `route`; a refused or failed open,
+        or a stream cut off mid-body, under `route:broken`.
         """
         url = urlsplit(self.base + path)
         host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -191,10 +197,10 @@ class Worker:
         t0 = time.perf_counter()
         proto: SseFollower | None = None
         try:
-            async with asyncio.timeout(self._stream_timeout.sock_connect):
+            async with asyncio.timeout(self._connect_timeout_s):
                 _, proto = await loop.create_connection(
                     lambda: SseFollower(request, on_event), host, port)
-            status = await proto.head  # no bound, as in `stream`: a crowd opens slowly
+            status = await proto.head  # not bounded: 8,000 opens at once take 10-20 s
             status = "conn" if status is None else status
             self.sink.record(route, time.perf_counter() - t0, status, time.time())
             if status != 200:
@@ -215,49 +221,11 @@ class Worker:
                 proto.close()
         return False
 
-    async def stream(self, path: str, route: str, *, headers: dict[str, str],
-                     on_open: Any = None) -> AsyncIterator[Any]:
-        """Yield each SSE `data:` payload (decoded JSON) from `path` until it ends.
-
-        The time to the response headers is recorded under `route`; a non-200 answer or a
-        transport failure is recorded and ends the iteration at once (the caller falls back
-        to polling). `on_open()` is called when the stream is established.
-        """
-        assert self.session is not None
-        t0 = time.perf_counter()
-        hdrs = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **headers}
-        try:
-            async with self.session.get(self.base + path, headers=hdrs,
-                                        timeout=self._stream_timeout) as resp:
-                self.sink.record(route, time.perf_counter() - t0, resp.status, time.time())
-                if resp.status != 200:
-                    await resp.read()
-                    return
-                if on_open is not None:
-                    on_open()
-                # Whole chunks split on the blank line that ends an event: one await per
-                # network read instead of one per line (a push is four lines), so the
-                # generator keeps up with thousands of streams moving at once.
-                buf = b""
-                async for chunk in resp.content.iter_any():
-                    buf += chunk
-                    if b"\r" in buf:  # as in SseFollower: a CRLF may be split across reads
-                        buf = buf.replace(b"\r\n", b"\n")
-                    while (end := buf.find(b"\n\n")) >= 0:
-                        event, buf = buf[:end], buf[end + 2:]
-                        payload = _decode(_sse_data(event))
-                        if payload is not None:
-                            yield payload
-        except TimeoutError:
-            self.sink.record(route + ":broken", time.perf_counter() - t0, "timeout", time.time())
-        except (aiohttp.ClientError, OSError):
-            self.sink.record(route + ":broken", time.perf_counter() - t0, "conn", time.time())
-
 
 class SseFollower(asyncio.Protocol):
     """One SSE stream read by callback, for crowds of thousands of streams.
 
-    `Worker.stream` wakes the reading task for every event (aiohttp's reader, then two
+    Read with aiohttp, every event woke the stream's task (aiohttp's reader, then two
     async generators); at 8,000 streams moving at once that made the generator, not the
     server, the slowest part of a round. Here `data_received` parses the response and
     calls `on_event(payload)` in place: no task runs per event. HTTP/1.1 GET only, with a

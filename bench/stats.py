@@ -104,9 +104,15 @@ class Histogram:
         return h
 
 
+AS_DESIGNED = " as designed"
+
+
 def is_error(status: int | str) -> bool:
-    """Anything but a 1xx/2xx/3xx HTTP status (including transport failures) is an error."""
-    return not (isinstance(status, int) and 100 <= status < 400)
+    """Anything but a 1xx/2xx/3xx HTTP status (including transport failures) is an error,
+    except a refusal the scenario expects, recorded as e.g. "409 as designed"."""
+    if isinstance(status, str):
+        return not status.endswith(AS_DESIGNED)
+    return not 100 <= status < 400
 
 
 @dataclass(slots=True)

@@ -172,3 +172,14 @@ def test_the_callback_reader_takes_a_close_delimited_body_and_a_refusal() -> Non
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     status, events, ended = _read(head + b"20\r\ndata: [1]\n\n", 4)
     assert status == 200 and not ended
+
+
+def test_a_refusal_the_scenario_expects_is_not_an_error() -> None:
+    s = Stats()
+    s.record("join", 0.01, 200, 100.0)
+    s.record("join", 0.01, "409 as designed", 100.0)
+    s.record("join", 0.01, 409, 100.0)
+    r = s.route_summary(1.0)["join"]
+    assert r["errors"] == 1 and r["errors_by_status"] == {"409": 1}
+    assert r["statuses"] == {"200": 1, "409": 1, "409 as designed": 1}
+    assert s.errors == 1

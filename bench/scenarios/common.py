@@ -55,13 +55,19 @@ async def availability(ctx: Any, event_id: str, *, route: str = "availability") 
     return r.body if r.ok and isinstance(r.body, dict) else None
 
 
+def refused_sold_out(status: int | str, body: Any) -> bool:
+    """A join refused because nothing is left to sell: the line's honest answer."""
+    return status == 409 and isinstance(body, dict) and isinstance(
+        body.get("error"), dict) and body["error"].get("code") == "sold_out"
+
+
 async def join(w: Worker, event_id: str, headers: dict[str, str], quantity: int,
-               *, retries: int = 3) -> Response:
+               *, retries: int = 3, expected: Any = None) -> Response:
     """Join the line; retry on 503 (Retry-After) a few times while the run lives."""
     r = Response("conn")
     for attempt in range(retries + 1):
         r = await w.call("POST", f"/api/events/{event_id}/queue", "join", headers=headers,
-                         json={"quantity": quantity})
+                         json={"quantity": quantity}, expected=expected)
         if r.status not in (503, "conn", "timeout") or attempt == retries:
             return r
         if not await w.budget.sleep(min(r.retry_after(0.5), 5.0)):
@@ -69,42 +75,14 @@ async def join(w: Worker, event_id: str, headers: dict[str, str], quantity: int,
     return r
 
 
-async def watch_entry(w: Worker, event_id: str, headers: dict[str, str], *, poll_s: float,
-                      on_open: Callable[[], None] | None = None,
-                      on_close: Callable[[], None] | None = None
-                      ) -> AsyncIterator[tuple[float, dict[str, Any], str]]:
-    """Yield (arrival time.monotonic(), my entry, 'sse'|'poll') for each update.
-
-    Uses the SSE stream; if it cannot be opened or drops, falls back to polling
-    `/queue/me` every `poll_s` seconds. Ends when the run's budget ends.
-    """
-    path = f"/api/events/{event_id}/queue/me"
-    opened = False
-
-    def _opened() -> None:
-        nonlocal opened
-        opened = True
-        if on_open is not None:
-            on_open()
-
-    try:
-        async for entry in w.stream(path + "/stream", "stream_open", headers=headers,
-                                    on_open=_opened):
-            if isinstance(entry, dict):
-                yield time.monotonic(), entry, "sse"
-    finally:
-        if opened and on_close is not None:
-            on_close()
-    async for update in poll_entry(w, path, headers, poll_s):  # stream refused or ended
-        yield update
-
-
 async def follow_entry(w: Worker, event_id: str, headers: dict[str, str], *, poll_s: float,
                        on_entry: Callable[[float, dict[str, Any], str], None],
                        on_open: Callable[[], None] | None = None,
                        on_close: Callable[[], None] | None = None) -> None:
-    """`watch_entry` by callback: `on_entry(arrival, entry, via)` runs as each event is
-    read (`Worker.follow`), with no task woken per event — for crowds of streams."""
+    """Follow my entry: `on_entry(arrival time.monotonic(), entry, 'sse'|'poll')` for each
+    update, called as each event is read (`Worker.follow`, no task woken per event: a
+    crowd of streams all move at once). If the stream cannot be opened or ends, polls
+    `/queue/me` every `poll_s` seconds until the run's budget ends."""
     path = f"/api/events/{event_id}/queue/me"
 
     def event(payload: Any) -> None:

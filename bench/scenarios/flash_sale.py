@@ -16,8 +16,17 @@ import uuid
 from typing import Any
 
 from bench.http import BudgetExhausted, Response, Worker
-from bench.scenarios.common import (TERMINAL, admin_queue, availability, create_event,
-                                    error_text, gather_bounded, join, watch_entry)
+from bench.scenarios.common import (
+    TERMINAL,
+    admin_queue,
+    availability,
+    create_event,
+    error_text,
+    follow_entry,
+    gather_bounded,
+    join,
+    refused_sold_out,
+)
 
 DONE = frozenset({"completed", "complete", "confirmed", "succeeded", "success", "done",
                   "committed", "paid", "purchased"})
@@ -85,10 +94,9 @@ async def user(ctx: Any, i: int, event_id: str, join_sem: asyncio.Semaphore,
         async with join_sem:
             t = time.monotonic()
             joins.setdefault("first", t)
-            r = await join(w, event_id, h, cfg.quantity)
+            r = await join(w, event_id, h, cfg.quantity, expected=refused_sold_out)
             joins["last"] = time.monotonic()
-        if r.status == 409 and isinstance(r.body, dict) and r.body.get("error", {}).get(
-                "code") == "sold_out":
+        if refused_sold_out(r.status, r.body):
             w.sink.count("join_refused_sold_out")  # the line's honest answer, not a failure
             return
         if not r.ok:
@@ -106,17 +114,23 @@ async def user(ctx: Any, i: int, event_id: str, join_sem: asyncio.Semaphore,
         def closed() -> None:
             g["streams"] -= 1
 
-        stream = watch_entry(w, event_id, h, poll_s=cfg.poll_s, on_open=opened, on_close=closed)
-        waiter = asyncio.ensure_future(_first_offer(stream))
+        # The entry is read by callback (every change in the line moves every waiting
+        # user's position: thousands of events a second that must not wake a task each).
+        waiter: asyncio.Future[tuple[float, dict[str, Any], str] | None] = \
+            asyncio.get_running_loop().create_future()
+        follower = asyncio.ensure_future(follow_entry(
+            w, event_id, h, poll_s=cfg.poll_s, on_entry=_offer_catcher(waiter),
+            on_open=opened, on_close=closed))
+        follower.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))
         stopper = asyncio.ensure_future(sold_out.wait())
         try:
             done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
-        if waiter not in done:
-            waiter.cancel()
+            follower.cancel()  # one offer is all this user waits for: close the stream
             with contextlib.suppress(asyncio.CancelledError):
-                await waiter
+                await follower
+        if waiter not in done:
             w.sink.count("not_offered_sold_out")
             return
         got = waiter.result()
@@ -144,14 +158,17 @@ async def user(ctx: Any, i: int, event_id: str, join_sem: asyncio.Semaphore,
         pass
 
 
-async def _first_offer(stream: Any) -> tuple[float, dict[str, Any], str] | None:
-    async with contextlib.aclosing(stream) as s:
-        async for at, entry, via in s:
-            if entry.get("offer") or entry.get("status") == "offered":
-                return at, entry, via
-            if entry.get("status") in TERMINAL:
-                return None
-    return None
+def _offer_catcher(waiter: asyncio.Future) -> Any:
+    """An `on_entry` callback that resolves `waiter` with the first offer (arrival, entry,
+    via), or None once the entry is final without one."""
+    def seen(at: float, entry: dict[str, Any], via: str) -> None:
+        if waiter.done():
+            return
+        if entry.get("offer") or entry.get("status") == "offered":
+            waiter.set_result((at, entry, via))
+        elif entry.get("status") in TERMINAL:
+            waiter.set_result(None)
+    return seen
 
 
 async def watch_sold_out(ctx: Any, event_id: str, sold_out: asyncio.Event,
