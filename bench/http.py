@@ -275,7 +275,8 @@ class SseFollower(asyncio.Protocol):
                 self.status = "conn"
             self._chunked = any(h.lower().replace(" ", "") == "transfer-encoding:chunked"
                                 for h in lines[1:])
-            self.head.set_result(self.status)
+            if not self.head.done():  # not if the reader gave up waiting (cancelled)
+                self.head.set_result(self.status)
         body = self._dechunk() if self._chunked else self._take_all()
         if not body:
             return

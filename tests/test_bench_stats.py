@@ -183,3 +183,21 @@ def test_a_refusal_the_scenario_expects_is_not_an_error() -> None:
     assert r["errors"] == 1 and r["errors_by_status"] == {"409": 1}
     assert r["statuses"] == {"200": 1, "409": 1, "409 as designed": 1}
     assert s.errors == 1
+
+
+def test_the_callback_reader_outlives_a_reader_that_gave_up() -> None:
+    """The opener was cancelled while waiting for the head (a sold-out flash sale stops
+    its waiters): the late head and events must not raise inside the event loop."""
+    import asyncio
+
+    from bench.http import SseFollower
+
+    async def go() -> list:
+        events: list = []
+        f = SseFollower(b"GET / HTTP/1.1\r\n\r\n", events.append)
+        f.head.cancel()
+        f.data_received(b"HTTP/1.1 200 OK\r\n\r\ndata: [1]\n\n")
+        f.connection_lost(None)
+        return events
+
+    assert asyncio.run(go()) == [[1]]
