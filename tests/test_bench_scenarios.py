@@ -254,6 +254,7 @@ def test_flash_sale_smoke_sells_exactly_capacity(fake: tuple[str, FakeApi],
     assert res["purchased"] == 3
     assert res["offer_to_ticket_ms"]["count"] == 3
     assert res["joins_per_s"] > 0
+    assert res["join_answers_per_s"] >= res["joins_per_s"]
     assert res["oversell"]["ok"] is True
     assert res["oversell"]["sold"] == 3 and res["oversell"]["tickets_held_by_users"] == 3
     assert rep["counters"].get("read_your_writes_ok") == 3

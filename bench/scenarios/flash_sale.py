@@ -258,6 +258,10 @@ async def run(ctx: Any) -> dict[str, Any]:
         users=n,
         joined=joined,
         joins_per_s=round(joined / join_span, 2) if joined else 0.0,
+        # Every join answered (accepted or refused sold out) over the same span: the rate
+        # the line took joins at. joins_per_s above counts only the accepted ones.
+        join_answers_per_s=round(stats.routes["join"].count / join_span, 2)
+        if "join" in stats.routes else 0.0,
         sale_seconds=round(sale_s, 3),
         purchased=stats.counters.get("purchased", 0),
         offer_to_ticket_ms=o2t.summary_ms() if o2t else None,
