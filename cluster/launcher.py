@@ -156,6 +156,10 @@ def stop_pid(pid: int | None, timeout: float = 15) -> None:
 # Ray --------------------------------------------------------------------------------
 def ray_env(settings_env: dict[str, str], data_dir: Path | None = None) -> dict[str, str]:
     env = {**os.environ, **RAY_ENV, **settings_env}
+    # Streams share the node's HAProxy connections: 90 % of them, split among the most
+    # replicas one machine runs (serve_config_for), the rest left for other requests.
+    env.setdefault("EVENTPULSE_MAX_STREAMS",
+                   str(int(env["RAY_SERVE_HAPROXY_MAXCONN"]) * 9 // 10 // (os.cpu_count() or 1)))
     if data_dir is not None:
         env.update(haproxy_env(data_dir))
     venv_bin = str(Path(sys.executable).parent)  # jobs run with the raylet's PATH

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         2000, description="Requests one replica works on at once before answering 503; "
         "past this, queueing only adds latency.")
+    max_streams: int = Field(
+        4500, ge=0, description="Open SSE streams one replica holds; past it a stream request "
+        "gets 503 `streams_full` with Retry-After and the client polls `/queue/me`. Each "
+        "stream holds a connection of the ingress (HAProxy's maxconn, 9,900 on one "
+        "machine): a crowd larger than that, refused at once, falls back to polling, "
+        "instead of waiting for a connection slot until it times out. `eventpulse up` sets "
+        "it to 90 % of maxconn shared by the replicas.")
 
     # auth ------------------------------------------------------------------------
     token_secret: SecretStr | None = Field(

@@ -68,7 +68,8 @@ api.router.routes.sort(key=_hot_first)
 api.add_middleware(GZipMiddleware, minimum_size=1024)
 api.add_middleware(Guard, max_body=get_settings().max_body_bytes,
                    max_in_flight=get_settings().max_in_flight,
-                   body_timeout_s=get_settings().body_timeout_s)
+                   body_timeout_s=get_settings().body_timeout_s,
+                   max_streams=get_settings().max_streams)
 
 
 # max_ongoing_requests is high because handlers mostly await Redis or an actor and SSE

@@ -11,15 +11,17 @@ from serve.errors import error_response
 from serve.runtime import get_runtime
 
 _UNCOUNTED = ("/healthz", "/readyz")
+STREAMS_RETRY_S = 10  # a refused stream retries later; its client polls meanwhile
 
 
 class Guard:
     """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
     requests in flight, so latency does not pile up; records per-route metrics."""
 
-    def __init__(self, app, max_body: int, max_in_flight: int, body_timeout_s: float = 10.0) -> None:
+    def __init__(self, app, max_body: int, max_in_flight: int, body_timeout_s: float = 10.0,
+                 max_streams: int = 4500) -> None:
         self.app, self.max_body, self.max_in_flight = app, max_body, max_in_flight
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.max_streams = body_timeout_s, max_streams
 
     async def _read_body(self, receive) -> bytes | None:
         """The request body, or None past `max_body` (chunked uploads carry no length)."""
@@ -72,6 +74,10 @@ class Guard:
                     return {"type": "http.disconnect"}
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
+        if streaming and rt.sse_open >= self.max_streams:
+            metrics.get("overload").inc(tags={"route": "stream"})
+            return await error_response(503, "streams_full", "no stream free: poll "
+                                        "/queue/me meanwhile", STREAMS_RETRY_S)(scope, receive, send)
         if not streaming and path not in _UNCOUNTED and rt.in_flight >= self.max_in_flight:
             metrics.get("overload").inc(tags={"route": path.split("/")[2] if path.count("/") > 1 else path})
             return await error_response(503, "overloaded", "too many requests in flight",

@@ -189,3 +189,15 @@ backend b
     assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in answer
     assert answer.endswith(b"\r\n\r\n" + UNAVAILABLE_BODY)
     assert orjson.loads(UNAVAILABLE_BODY)["error"]["code"] == "unavailable"
+
+
+def test_streams_are_bounded_within_the_ingress_connections(monkeypatch):
+    """`eventpulse up` bounds each replica's streams so that all of them together stay
+    within 90 % of HAProxy's connections; a value the operator set is kept."""
+    from cluster.launcher import RAY_ENV, ray_env
+
+    monkeypatch.delenv("EVENTPULSE_MAX_STREAMS", raising=False)
+    per_replica = int(ray_env({})["EVENTPULSE_MAX_STREAMS"])
+    replicas = os.cpu_count() or 1
+    assert 0 < per_replica * replicas <= int(RAY_ENV["RAY_SERVE_HAPROXY_MAXCONN"]) * 0.9
+    assert ray_env({"EVENTPULSE_MAX_STREAMS": "123"})["EVENTPULSE_MAX_STREAMS"] == "123"

@@ -63,3 +63,42 @@ def test_a_request_cancelled_before_its_answer_counts_as_499_and_a_crash_as_500(
     assert cancelled.get("500", 0) == before.get("500", 0)
     assert after.get("500", 0) == before.get("500", 0) + 1
     assert after.get("204", 0) == before.get("204", 0) + 1
+
+
+def test_a_stream_past_the_replicas_bound_is_refused_at_once_with_503():
+    """Each stream holds an ingress connection; past `max_streams` a stream request is
+    answered 503 `streams_full` with Retry-After at once, without reaching the app."""
+    import orjson
+
+    from serve.runtime import get_runtime
+
+    async def go() -> tuple[list[dict], bool]:
+        reached = False
+
+        async def app(scope, receive, send):
+            nonlocal reached
+            reached = True
+
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/api/events/e1/queue/me/stream",
+                 "query_string": b"", "headers": []}
+        rt = get_runtime()
+        before, rt.sse_open = rt.sse_open, 3
+        try:
+            await Guard(app, max_body=1024, max_in_flight=10, max_streams=3)(scope, receive, send)
+        finally:
+            rt.sse_open = before
+        return sent, reached
+
+    sent, reached = asyncio.run(go())
+    assert not reached
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"10") in sent[0]["headers"]
+    assert orjson.loads(sent[1]["body"])["error"]["code"] == "streams_full"
