@@ -152,7 +152,10 @@ async def user(ctx: Any, i: int, event_id: str, join_sem: asyncio.Semaphore,
         w.sink.count("purchased")
         tr = await w.call("GET", f"/api/users/{uid}/tickets?eventId={event_id}", "user_tickets",
                           headers=h, budgeted=False)
-        seen = count_tickets(tr.body, event_id) if tr.ok else 0
+        if not tr.ok:  # refused or timed out: says nothing about the purchase's visibility
+            w.sink.count("read_your_writes_unread")
+            return
+        seen = count_tickets(tr.body, event_id)
         w.sink.count("read_your_writes_ok" if seen >= 1 else "read_your_writes_miss")
     except BudgetExhausted:
         pass
