@@ -112,11 +112,14 @@ class PartitionConsumer:
     async def run(self, max_seconds: float | None = None) -> int:
         """Consume until stopped (or for `max_seconds`); returns requests processed."""
         r = get_client(self.settings)
-        await self.ensure_group(r)
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         next_reclaim = 0.0
+        grouped = False
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             try:
+                if not grouped:  # inside the retry: Redis may be starting, or flaky, too
+                    await self.ensure_group(r)
+                    grouped = True
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + self.reclaim_every_s
                     await self.reclaim(r)

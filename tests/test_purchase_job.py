@@ -378,3 +378,15 @@ async def test_poison_is_dead_lettered_and_the_partition_goes_on(redis):
     # The poisoned request's offer lock was released, not left purchasing forever.
     assert (await statuses(event_id, [users[2]]))[users[2]] == "offered"
     assert c.stats()["dead_lettered"] == 2
+
+
+async def test_a_consumer_that_cannot_reach_redis_at_start_keeps_trying(redis):
+    """A Redis error while the consumer starts (Redis restarting; a connection lost while
+    the client set itself up, seen once on the Redis Cluster) is retried like any other,
+    instead of ending the consumer's run."""
+    from tests.conftest import free_port
+
+    c = consumer(96, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    assert await c.run(max_seconds=1.5) == 0
+    assert time.monotonic() - started >= 1.4  # it kept trying until told to stop
