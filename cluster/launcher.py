@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 import yaml
@@ -159,7 +159,7 @@ def ray_env(settings_env: dict[str, str], data_dir: Path | None = None) -> dict[
     # Streams share the node's HAProxy connections: 90 % of them, split among the most
     # replicas one machine runs (serve_config_for), the rest left for other requests.
     env.setdefault("EVENTPULSE_MAX_STREAMS",
-                   str(int(env["RAY_SERVE_HAPROXY_MAXCONN"]) * 9 // 10 // (os.cpu_count() or 1)))
+                   str(int(env["RAY_SERVE_HAPROXY_MAXCONN"]) * 9 // 10 // most_replicas()))
     if data_dir is not None:
         env.update(haproxy_env(data_dir))
     venv_bin = str(Path(sys.executable).parent)  # jobs run with the raylet's PATH
@@ -321,18 +321,30 @@ def serve_config_for(host: str, port: int, data_dir: Path, cpus: int | None = No
     held 200 users against 400 (`docs/benchmarks.md`). A cluster (`cluster/deploy.py`,
     KubeRay) keeps the file's own bounds.
     """
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config = _capped_to_cores(yaml.safe_load(SERVE_CONFIG.read_text()), cpus)
     config["http_options"]["host"] = host
     config["http_options"]["port"] = port
+    path = data_dir / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _capped_to_cores(config: dict[str, Any], cpus: int | None = None) -> dict[str, Any]:
+    """Serve's config with no deployment scaling past the cores (never below its minimum)."""
     cores = cpus or os.cpu_count() or 1
     for app in config["applications"]:
         for deployment in app["deployments"]:
             auto = deployment.get("autoscaling_config")
             if auto:
                 auto["max_replicas"] = max(auto["min_replicas"], min(auto["max_replicas"], cores))
-    path = data_dir / "serve.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return config
+
+
+def most_replicas(cpus: int | None = None) -> int:
+    """The most replicas a deployment of `serve_config_for` runs on this machine."""
+    config = _capped_to_cores(yaml.safe_load(SERVE_CONFIG.read_text()), cpus)
+    return max((d.get("autoscaling_config") or {}).get("max_replicas", d.get("num_replicas", 1))
+               for app in config["applications"] for d in app["deployments"])
 
 
 def wait_http(url: str, timeout: float) -> None:
