@@ -183,8 +183,9 @@ class Worker:
         """Read the SSE stream at `path`, calling `on_event(payload)` for each event as it
         arrives, until the stream ends; True if it was established (200).
 
-        The time to the response head is recorded under `route`; a refused or failed open,
-        or a stream cut off mid-body, under `route:broken`.
+        The time to the response head is recorded under `route` with its status (a
+        refusal is an error there); an open that failed (timeout, connection) or a stream
+        cut off mid-body is recorded under `route:broken`.
         """
         url = urlsplit(self.base + path)
         host, port = url.hostname or "127.0.0.1", url.port or 80

@@ -21,6 +21,16 @@ from eventpulse.redis import RedisClient, RedisCluster
 TICKET_FORMAT = 1
 TOTAL = "_total"
 
+# Lua's `unpack` is bounded by its stack (~8,000 values): a hash of many fields is written
+# 500 field/value pairs per HSET.
+_HSET_ALL = """
+local function hset_all(key, flat)
+  for i = 1, #flat, 1000 do
+    redis.call('HSET', key, unpack(flat, i, math.min(i + 999, #flat)))
+  end
+end
+"""
+
 # KEYS: event, sold, capacity, tickets, buyers, purchase records...   ARGV[1]: the items,
 # one msgpack array (see `pack_args`) of [user, purchase id, quantity, ticket_type,
 # [ticket id, record, ticket id, record…]] per record key.
@@ -28,7 +38,7 @@ TOTAL = "_total"
 # returned as it is (exactly-once); a record already settled otherwise keeps its outcome;
 # nothing is written for a refused item. `buyers` (user -> purchase id) is the hard guard
 # that one user's offer buys once, even when two requests with different keys race.
-_COMMIT_LUA = """
+_COMMIT_LUA = _HSET_ALL + """
 local event, sold, capacity, tickets, buyers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('HGET', event, 'state') == 'cancelled' then
   local out = {}
@@ -91,17 +101,13 @@ end
 for field, qty in pairs(added) do
   redis.call('HINCRBY', sold, field, qty)
 end
-for i = 1, #new_tickets, 1000 do
-  redis.call('HSET', tickets, unpack(new_tickets, i, math.min(i + 999, #new_tickets)))
-end
-local pairs_ = {}
+hset_all(tickets, new_tickets)
+local flat = {}
 for user, pid in pairs(new_buyers) do
-  pairs_[#pairs_ + 1] = user
-  pairs_[#pairs_ + 1] = pid
+  flat[#flat + 1] = user
+  flat[#flat + 1] = pid
 end
-for i = 1, #pairs_, 1000 do
-  redis.call('HSET', buyers, unpack(pairs_, i, math.min(i + 999, #pairs_)))
-end
+hset_all(buyers, flat)
 return out
 """
 
@@ -140,13 +146,10 @@ return out
 # of [ticket id, record, ticket id, record…] per user. One call writes a whole batch's
 # user side (single node only: in a cluster each user is a slot of their own, so there a
 # pipeline does the same).
-_INDEX_LUA = """
+_INDEX_LUA = _HSET_ALL + """
 local per_user = cmsgpack.unpack(ARGV[1])
 for i = 1, #per_user do
-  local pairs_ = per_user[i]
-  for j = 1, #pairs_, 1000 do
-    redis.call('HSET', KEYS[2 * i - 1], unpack(pairs_, j, math.min(j + 999, #pairs_)))
-  end
+  hset_all(KEYS[2 * i - 1], per_user[i])
   redis.call('INCR', KEYS[2 * i])
 end
 return #per_user

@@ -18,8 +18,8 @@ class Guard:
     """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
     requests in flight, so latency does not pile up; records per-route metrics."""
 
-    def __init__(self, app, max_body: int, max_in_flight: int, body_timeout_s: float = 10.0,
-                 max_streams: int = 4500) -> None:
+    def __init__(self, app, max_body: int, max_in_flight: int, max_streams: int,
+                 body_timeout_s: float = 10.0) -> None:
         self.app, self.max_body, self.max_in_flight = app, max_body, max_in_flight
         self.body_timeout_s, self.max_streams = body_timeout_s, max_streams
 

@@ -27,11 +27,13 @@ from serve.cache import TTLCache
 log = logging.getLogger(__name__)
 
 # A full (generation 2) collection walks every live object. With 4,000 SSE streams a
-# replica holds about a million, and one pass stopped its event loop for 0.4–0.7 s, twelve
-# times in a minute of `waiting-crowd` at 8,000 streams: the round it hit was the slowest.
-# Ten times fewer full passes (the third threshold; Python's default is 10) took a
-# replica's collection time in the same run from 2.3–2.9 s to 0.5–0.6 s. Reference
-# counting still frees almost everything at once; only cyclic garbage waits longer.
+# replica holds about half a million, and one pass stops its event loop for 0.4–0.9 s;
+# there were twelve in a `waiting-crowd` run at 8,000 streams. Ten times fewer full passes
+# (the third threshold; Python's default is 10) took a replica's collection time in the
+# same run from 2.3–2.9 s to 0.5–0.6 s, the remaining passes falling while the streams
+# open (timed against the rounds: none during them). The push delays did not measurably
+# move with it: the load generator was what made rounds slow (docs/benchmarks.md).
+# Reference counting still frees almost everything at once; only cyclic garbage waits.
 GC_THRESHOLDS = (700, 10, 100)
 
 _EVENT_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")

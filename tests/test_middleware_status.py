@@ -24,7 +24,7 @@ async def _call(app) -> None:
     async def send(message):
         pass
 
-    await Guard(app, max_body=1024, max_in_flight=10)(scope, receive, send)
+    await Guard(app, max_body=1024, max_in_flight=10, max_streams=10)(scope, receive, send)
 
 
 def test_a_request_cancelled_before_its_answer_counts_as_499_and_a_crash_as_500():
