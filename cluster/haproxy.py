@@ -1,0 +1,151 @@
+"""The edits Event-Pulse makes to Serve's HAProxy config, and the entry that applies them.
+
+Serve's HAProxy manager writes a config from its template and starts (or reloads) the
+binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`. `eventpulse up` and the tests point that
+at a small wrapper (`cluster.launcher.haproxy_env`) which runs this module: it edits a
+copy of the config and then becomes HAProxy on that copy.
+
+The edits:
+
+* **No splicing.** Serve's template turns on `option splice-request/response`, and with
+  them HAProxy reserves a pipe (two more descriptors) for every fourth connection: 2.5
+  descriptors a connection, so the 20,000 a process may hold here allowed 7,900
+  connections (open SSE streams, mostly). Our answers and pushes are a few hundred bytes,
+  where splicing saves nothing; without it a connection costs two descriptors.
+* **HAProxy's own errors are our 503.** No replica up, a replica that timed out or broke
+  the connection: a 503 with `Retry-After` in the API's error envelope. Serve's template
+  maps them to a plain-text 500, which tells a client the request is wrong rather than to
+  come back; under an overload that hid 672 answers among a benchmark's errors.
+* **An edge for the public reads.** On two cores every request through Serve's ingress
+  costs ~0.6 ms of replica CPU before our code runs (a bare no-op FastAPI deployment:
+  1,800–1,950 req/s, `docs/benchmarks.md`), and three of the earlier product's five load
+  mix reads are the same for every caller: `/healthz`, an event's details and its
+  availability. HAProxy answers `/healthz` itself while a replica is up (as it answers
+  Serve's `/-/healthz`), and serves the two event reads from a shared cache for at most
+  one second, the freshness the app's own `Cache-Control` already grants any cache. Only
+  callers whose bearer token HAProxy has verified (HS256 signature with the app's
+  secret, `exp` and `nbf` with the app's 5 s leeway, a `sub`) are served from the cache;
+  anything else goes to the app, which answers it in full (401s included). HAProxy
+  refuses to cache a request that carries `Authorization`, so a verified token is set
+  aside for the cache lookup and put back before a miss goes on to a replica.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
+
+SECRET_ENV = "EP_EDGE_SECRET"   # how the verified secret reaches HAProxy (never the file)
+EDGE_CACHE = "ep_edge"
+EDGE_TTL_S = 1                  # the shortest max-age the app gives these reads
+LEEWAY_S = 5                    # as `eventpulse.auth.verify_token`
+
+_HEALTH = (
+    "    # Event-Pulse edge: liveness while a replica is up, as Serve's /-/healthz\n"
+    "    http-request return status 200 content-type application/json "
+    "string \"{{\\\"status\\\":\\\"ok\\\"}}\" hdr Cache-Control no-store "
+    "if {{ path /healthz }} {{ method GET }} {{ nbsrv({backend}) ge 1 }}\n")
+
+# `-m int gt 0` on differences: HAProxy reads a negative pattern as a range, not a number
+_EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cache, verified callers only
+    acl ep_public path_reg ^/api/events/[A-Za-z0-9_-]{{1,64}}(/availability)?$
+    http-request set-var(txn.ep_alg) http_auth_bearer,jwt_header_query('$.alg') if {{ method GET }} ep_public !{{ query -m found }}
+    http-request set-var(txn.ep_now) date if {{ var(txn.ep_alg) -m str HS256 }}
+    http-request set-var(txn.ep_left) http_auth_bearer,jwt_payload_query('$.exp','int'),add({LEEWAY_S}),sub(txn.ep_now) if {{ var(txn.ep_alg) -m str HS256 }}
+    http-request set-var(txn.ep_early) http_auth_bearer,jwt_payload_query('$.nbf','int'),sub(txn.ep_now),sub({LEEWAY_S}) if {{ var(txn.ep_alg) -m str HS256 }}
+    http-request set-var(txn.ep_edge) bool(true) if {{ var(txn.ep_alg) -m str HS256 }} {{ var(txn.ep_left) -m int gt 0 }} !{{ var(txn.ep_early) -m int gt 0 }} {{ http_auth_bearer,jwt_payload_query('$.sub') -m len 1:128 }} {{ http_auth_bearer,jwt_verify(txn.ep_alg,"${{{SECRET_ENV}}}") -m int 1 }}
+    http-request set-var(txn.ep_auth) req.hdr(authorization) if {{ var(txn.ep_edge) -m bool }}
+    http-request del-header authorization if {{ var(txn.ep_edge) -m bool }}
+    http-request cache-use {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
+    http-response cache-store {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
+"""
+
+_RESTORE = ("    # Event-Pulse edge: a verified token set aside for the cache goes on to the app\n"
+            "    http-request set-header authorization %[var(txn.ep_auth)] "
+            "if { var(txn.ep_auth) -m found }\n")
+
+_CACHE = f"""
+cache {EDGE_CACHE}
+    total-max-size 64
+    max-object-size 262144
+    max-age {EDGE_TTL_S}
+    process-vary on
+"""
+
+
+def edit(config: str, *, unavailable: Path, edge: bool) -> str:
+    """Serve's HAProxy config with Event-Pulse's edits (module docstring); `edge` False
+    leaves out the cached reads (no secret to verify callers with)."""
+    lines = [line for line in config.splitlines(keepends=True)
+             if not re.match(r"\s*option splice-", line)]
+    out: list[str] = []
+    section = ""
+    backend = _app_backend(lines)
+    edge_done = restore_done = False
+    for line in lines:
+        head = line.split()
+        if line[:1].strip() and head:          # a section starts at column 0
+            section = " ".join(head[:2])
+        m = re.match(r"(\s*errorfile 50[234]) ", line)
+        if m:
+            line = f"{m.group(1)} {unavailable}\n"
+        in_frontend = section == "frontend http_frontend"
+        if in_frontend and backend and not edge_done and re.match(
+                r"\s*(use_backend|default_backend)\b", line):
+            out.append(_HEALTH.format(backend=backend))
+            if edge:
+                out.append(_EDGE)
+            edge_done = True
+        if edge and section == f"backend {backend}" and not restore_done and re.match(
+                r"\s*server\s", line):
+            out.append(_RESTORE)
+            restore_done = True
+        out.append(line)
+    text = "".join(out)
+    if edge and edge_done:
+        text = text.rstrip("\n") + "\n" + _CACHE
+    return text
+
+
+def _app_backend(lines: list[str]) -> str | None:
+    """The backend Serve made for the app (`http-<app name>`), if there is exactly one."""
+    names = [line.split()[1] for line in lines
+             if line.startswith("backend ") and line.split()[1].startswith("http-")]
+    return names[0] if len(names) == 1 else None
+
+
+def edge_secret() -> str | None:
+    """The secret the app verifies tokens with, if one exists yet (never creates one)."""
+    from eventpulse.settings import get_settings
+
+    settings = get_settings()
+    if settings.token_secret is not None:
+        return settings.token_secret.get_secret_value() or None
+    path = Path(settings.data_dir).resolve() / "token_secret"
+    return (path.read_text().strip() or None) if path.exists() else None
+
+
+def main(argv: list[str]) -> None:
+    """`python -m cluster.haproxy BINARY UNAVAILABLE_FILE HAPROXY_ARGS...`: edit the config
+    given with `-f` into `<config>.ep` and exec HAProxy on it, the secret in its env."""
+    binary, unavailable, args = argv[0], Path(argv[1]), list(argv[2:])
+    env = dict(os.environ)
+    if "-f" in args and args.index("-f") + 1 < len(args):
+        i = args.index("-f") + 1
+        source = Path(args[i])
+        secret = edge_secret()
+        edited = source.with_name(source.name + ".ep")
+        edited.write_text(edit(source.read_text(), unavailable=unavailable,
+                               edge=secret is not None))
+        args[i] = str(edited)
+        if secret is not None:
+            env[SECRET_ENV] = secret
+    os.execve(binary, [binary, *args], env)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
