@@ -28,6 +28,9 @@ The edits:
   anything else goes to the app, which answers it in full (401s included). HAProxy
   refuses to cache a request that carries `Authorization`, so a verified token is set
   aside for the cache lookup and put back before a miss goes on to a replica.
+* **The lane.** With `EVENTPULSE_LANE_PORT` set, the per-user reads and joins go to the
+  node's replicas' own aiohttp servers (`serve/lane.py`) while one of them answers the
+  health check; otherwise, and for every other route, through Serve as before.
 """
 
 from __future__ import annotations
@@ -64,6 +67,28 @@ _EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cac
     http-response cache-store {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
 """
 
+_LANE = """    # Event-Pulse lane: per-user reads and joins to the replicas' aiohttp servers
+    acl ep_lane_up nbsrv(ep_lane) ge 1
+    acl ep_lane_get path_reg ^/api/(events/[A-Za-z0-9_-]{1,64}/queue/me|users/[^/]{1,128}/tickets)$
+    acl ep_lane_pos path /api/queue/position
+    acl ep_lane_posq query -m reg ^(eventId=[^&]{1,128}&userId=[^&]{1,128}|userId=[^&]{1,128}&eventId=[^&]{1,128})$
+    acl ep_lane_join path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/queue$
+    use_backend ep_lane if ep_lane_up { method GET } ep_lane_get !{ query -m found }
+    use_backend ep_lane if ep_lane_up { method GET } ep_lane_pos ep_lane_posq
+    use_backend ep_lane if ep_lane_up { method POST } ep_lane_join !{ query -m found } { req.hdr(content-type) -m beg application/json }
+"""
+
+_LANE_BACKEND = """
+backend ep_lane
+    # the replicas of this node share the port (SO_REUSEPORT): the kernel picks one
+    http-reuse always
+    timeout connect 5s
+    timeout server 60s
+    option httpchk GET /healthz
+    http-check expect status 200
+    server lane 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 2 rise 2
+"""
+
 _RESTORE = ("    # Event-Pulse edge: a verified token set aside for the cache goes on to the app\n"
             "    http-request set-header authorization %[var(txn.ep_auth)] "
             "if { var(txn.ep_auth) -m found }\n")
@@ -77,9 +102,9 @@ cache {EDGE_CACHE}
 """
 
 
-def edit(config: str, *, unavailable: Path, edge: bool) -> str:
+def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0) -> str:
     """Serve's HAProxy config with Event-Pulse's edits (module docstring); `edge` False
-    leaves out the cached reads (no secret to verify callers with)."""
+    leaves out the cached reads (no secret to verify callers with), `lane_port` 0 the lane."""
     lines = [line for line in config.splitlines(keepends=True)
              if not re.match(r"\s*option splice-", line)]
     out: list[str] = []
@@ -99,6 +124,8 @@ def edit(config: str, *, unavailable: Path, edge: bool) -> str:
             out.append(_HEALTH.format(backend=backend))
             if edge:
                 out.append(_EDGE)
+            if lane_port:
+                out.append(_LANE)
             edge_done = True
         if edge and section == f"backend {backend}" and not restore_done and re.match(
                 r"\s*server\s", line):
@@ -108,6 +135,8 @@ def edit(config: str, *, unavailable: Path, edge: bool) -> str:
     text = "".join(out)
     if edge and edge_done:
         text = text.rstrip("\n") + "\n" + _CACHE
+    if lane_port and edge_done:
+        text = text.rstrip("\n") + "\n" + _LANE_BACKEND.format(port=lane_port)
     return text
 
 
@@ -129,6 +158,13 @@ def edge_secret() -> str | None:
     return (path.read_text().strip() or None) if path.exists() else None
 
 
+def lane_port() -> int:
+    """The replicas' lane port (`serve/lane.py`), 0 when there is none."""
+    from eventpulse.settings import get_settings
+
+    return get_settings().lane_port
+
+
 def main(argv: list[str]) -> None:
     """`python -m cluster.haproxy BINARY UNAVAILABLE_FILE HAPROXY_ARGS...`: edit the config
     given with `-f` into `<config>.ep` and exec HAProxy on it, the secret in its env."""
@@ -140,7 +176,7 @@ def main(argv: list[str]) -> None:
         secret = edge_secret()
         edited = source.with_name(source.name + ".ep")
         edited.write_text(edit(source.read_text(), unavailable=unavailable,
-                               edge=secret is not None))
+                               edge=secret is not None, lane_port=lane_port()))
         args[i] = str(edited)
         if secret is not None:
             env[SECRET_ENV] = secret

@@ -160,6 +160,8 @@ def ray_env(settings_env: dict[str, str], data_dir: Path | None = None) -> dict[
     # replicas one machine runs (serve_config_for), the rest left for other requests.
     env.setdefault("EVENTPULSE_MAX_STREAMS",
                    str(int(env["RAY_SERVE_HAPROXY_MAXCONN"]) * 9 // 10 // most_replicas()))
+    # the replicas' lane for the hottest per-user routes (serve/lane.py)
+    env.setdefault("EVENTPULSE_LANE_PORT", str(free_port()))
     if data_dir is not None:
         env.update(haproxy_env(data_dir))
     venv_bin = str(Path(sys.executable).parent)  # jobs run with the raylet's PATH

@@ -12,7 +12,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from eventpulse.redis import ping, pool_stats
 from eventpulse.settings import get_settings
-from serve import errors
+from serve import errors, lane
 from serve.responses import json
 from serve.routes import admin, events, pages, purchases, queue, tickets
 from serve.middleware import Guard
@@ -79,8 +79,11 @@ api.add_middleware(Guard, max_body=get_settings().max_body_bytes,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self) -> None:
+    async def __init__(self) -> None:
         get_runtime()
+        port = get_settings().lane_port
+        # the hottest per-user routes, beside Serve's ingress (why: serve/lane.py)
+        self._lane = await lane.start(port) if port else None
 
 
 app = Ingress.bind()

@@ -48,14 +48,16 @@ def _haproxy_check(path: Path, secret: str | None) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("edge", [True, False])
 def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
+    """With a secret and a lane port (as `eventpulse up` and the tests run), and without."""
     from cluster.haproxy import EDGE_CACHE, edit
 
     serve_500 = tmp_path / "500.http"
     serve_500.write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
     ours = tmp_path / "503.http"
     ours.write_bytes(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    lane = free_port() if edge else 0
     edited = edit(SERVE_SHAPED.format(serve_500=serve_500, port=free_port()),
-                  unavailable=ours, edge=edge)
+                  unavailable=ours, edge=edge, lane_port=lane)
     path = tmp_path / "haproxy.cfg"
     path.write_text(edited)
     out = _haproxy_check(path, "s" * 40 if edge else None)
@@ -71,6 +73,10 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
     if edge:
         restore = next(i for i, x in enumerate(lines) if "set-header authorization" in x)
         assert lines[restore + 1].strip().startswith("server ")
+    # the lane's routes are chosen before Serve's catch-all, and only with a lane port
+    uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
+    assert uses == (["ep_lane"] * 3 if lane else []) + ["http-eventpulse"]
+    assert (f"server lane 127.0.0.1:{lane} check" in edited) is bool(lane)
 
 
 def test_a_config_not_shaped_like_serves_is_only_given_the_safe_edits(tmp_path):

@@ -1,0 +1,134 @@
+"""The lane: the hottest per-user routes served by a plain aiohttp server in each replica.
+
+On this 2-core machine every request through Serve's ingress costs ~0.6 ms of replica CPU
+before our code runs (uvicorn, Serve's direct-ingress wrapper and middlewares: a bare
+no-op FastAPI deployment holds 1,800–1,950 req/s, not the 4,200 the design planned
+with), and in the earlier product's load mix two of the five reads — the queue position
+and the user's tickets — are per user, so HAProxy cannot answer them from a cache
+(`cluster/haproxy.py`). Joins are the flash sale's hot write. So each Ingress replica
+also listens on `lane_port` (127.0.0.1, the port shared by the node's replicas with
+SO_REUSEPORT, so the kernel spreads HAProxy's connections over them) with aiohttp's
+low-level server, and the node's HAProxy sends exactly these shapes there while the lane
+answers its health check (`cluster/haproxy.py`):
+
+    GET  /api/queue/position?eventId=&userId=   GET  /api/events/{id}/queue/me
+    GET  /api/users/{uid}/tickets               POST /api/events/{id}/queue (JSON)
+
+The lane runs in the replica's own event loop and calls the very functions the fast path
+(`serve/fastpath.py`) and FastAPI's routes call: same caches, coalesced actor calls,
+Redis pool, authentication, error envelope, metrics and overload bound. Serve still
+deploys, restarts and health-checks the replicas and serves every other route; a request
+HAProxy cannot send to the lane (no replica of this node up) goes through Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from eventpulse import metrics
+from eventpulse.settings import get_settings
+from serve import fastpath
+from serve.errors import _validation_message, error_response
+from serve.runtime import get_runtime
+from serve.schemas import JoinIn
+
+ROUTES = frozenset({fastpath.POSITION, fastpath.QUEUE_ME, fastpath.TICKETS, fastpath.JOIN,
+                    fastpath.HEALTH})
+_HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type")
+
+
+class Lane:
+    """aiohttp's low-level handler for the lane's routes, bounded as `Guard` bounds the app."""
+
+    def __init__(self, max_body: int, max_in_flight: int, body_timeout_s: float) -> None:
+        self.max_body, self.max_in_flight = max_body, max_in_flight
+        self.body_timeout_s = body_timeout_s
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        method = request.method
+        fast = fastpath.match(method, request.path,
+                              request.rel_url.raw_query_string.encode("latin-1"))
+        if fast is None or fast[0] not in ROUTES:  # HAProxy sends only the lane's shapes
+            return _aiohttp(error_response(404, "not_found", "no such route on the lane"))
+        route = fast[0]
+        if route == fastpath.HEALTH:
+            return _aiohttp(await fastpath.answer(route, [], {}, {}))
+        rt = get_runtime()
+        if rt.in_flight >= self.max_in_flight:
+            metrics.get("overload").inc(tags={"route": route.split("/")[2]})
+            return _aiohttp(error_response(503, "overloaded", "too many requests in flight", 1))
+        status = 500
+        started = time.perf_counter()
+        rt.in_flight += 1
+        rt.requests += 1
+        try:
+            response = await self._answer(request, fast)
+            status = response.status_code
+            return _aiohttp(response)
+        finally:
+            rt.in_flight -= 1
+            tags = (("route", route), ("method", method))
+            metrics.aggregate.count("http_requests", tags + (("status", str(status)),))
+            metrics.aggregate.observe("eventpulse_http_request_duration_seconds", tags,
+                                      time.perf_counter() - started)
+
+    async def _answer(self, request: web.BaseRequest,
+                      fast: tuple[str, list[str], dict[str, str]]) -> Response:
+        route, params, q = fast
+        src = request.headers
+        headers = {k.encode(): src[k].encode("latin-1") for k in _HEADERS if k in src}
+        body = b""
+        if route == fastpath.JOIN:
+            if request.content_length is not None and request.content_length > self.max_body:
+                return error_response(413, "payload_too_large", f"body above {self.max_body} bytes")
+            try:
+                body = await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
+            except TimeoutError:
+                return error_response(408, "request_timeout",
+                                      f"body not received within {self.body_timeout_s:g} s")
+            if body is None:
+                return error_response(413, "payload_too_large", f"body above {self.max_body} bytes")
+        response = await fastpath.answer(route, params, q, headers, body)
+        return response if response is not None else _invalid_join(body)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
+        """The body, or None past `max_body` (a chunked upload carries no length)."""
+        body = b""
+        while chunk := await request.content.read(self.max_body + 1):
+            body += chunk
+            if len(body) > self.max_body:
+                return None
+        return body
+
+
+def _invalid_join(body: bytes) -> Response:
+    """FastAPI's answer to a join body that is not exactly the documented JSON: the same
+    validation errors, worded by the app's one handler (`serve.errors`)."""
+    try:
+        JoinIn.model_validate_json(body)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        status, code, message = _validation_message(RequestValidationError(errors))
+        return error_response(status, code, message)
+    return error_response(400, "bad_request", "the join could not be read")
+
+
+def _aiohttp(response: Response) -> web.Response:
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
+               if k != b"content-length"]
+    return web.Response(body=response.body, status=response.status_code, headers=headers)
+
+
+async def start(port: int, host: str = "127.0.0.1") -> asyncio.AbstractServer:
+    """Listen on `host:port` beside the node's other replicas (SO_REUSEPORT)."""
+    s = get_settings()
+    lane = Lane(s.max_body_bytes, s.max_in_flight, s.body_timeout_s)
+    server = web.Server(lane.handle, access_log=None)
+    return await asyncio.get_running_loop().create_server(
+        server, host, port, reuse_port=True, backlog=4096)

@@ -1,0 +1,89 @@
+"""The lane (`serve/lane.py`): the replicas' own aiohttp servers behind the session's real
+HAProxy, answering the hottest per-user routes exactly as the app does."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import aiohttp
+
+from tests.conftest import unique
+
+
+async def _lane_sessions(app_env) -> int:
+    """Requests HAProxy has sent to the lane backend so far (its stats page, as CSV)."""
+    port = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/stats;csv") as r:
+        rows = csv.DictReader(io.StringIO((await r.text()).lstrip("# ")))
+        return sum(int(row["stot"] or 0) for row in rows
+                   if row["pxname"] == "ep_lane" and row["svname"] == "BACKEND")
+
+
+async def test_haproxy_sends_the_lanes_routes_to_the_lane(http, auth_headers, make_event, app_env):
+    event = await make_event(total_tickets=5)
+    u = unique()
+    before = await _lane_sessions(app_env)
+    async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                         headers=auth_headers(u)) as r:
+        assert r.status == 200 and (await r.json())["status"] == "offered"
+    for path in (f"/api/events/{event['id']}/queue/me",
+                 f"/api/queue/position?eventId={event['id']}&userId={u}",
+                 f"/api/users/{u}/tickets"):
+        async with http.get(path, headers=auth_headers(u)) as r:
+            assert r.status == 200, (path, await r.text())
+    assert await _lane_sessions(app_env) - before >= 4
+    # anything else still goes through Serve: not counted on the lane
+    before = await _lane_sessions(app_env)
+    async with http.get(f"/api/users/{u}/tickets?fields=id", headers=auth_headers(u)) as r:
+        assert r.status == 200
+    async with http.get(f"/api/events/{event['id']}/queue/me/stream?x=1",
+                        headers=auth_headers(u)) as r:
+        assert r.status == 200
+    assert await _lane_sessions(app_env) == before
+
+
+async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, app_env):
+    """The same requests straight to a replica's lane and through the ingress to Serve
+    (a query string the lane's routing leaves out sends them to FastAPI's twin)."""
+    event = await make_event(total_tickets=5)
+    lane = f"http://127.0.0.1:{app_env['EVENTPULSE_LANE_PORT']}"
+    me, other = unique(), unique()
+    async with aiohttp.ClientSession(lane) as direct:
+        async with direct.get("/healthz") as r:
+            assert r.status == 200 and await r.json() == {"status": "ok"}
+        async with direct.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                               headers=auth_headers(me)) as r:
+            assert r.status == 200 and (await r.json())["status"] == "offered"
+        cases = [
+            ("GET", f"/api/events/{event['id']}/queue/me", auth_headers(me), None),
+            ("GET", f"/api/events/{event['id']}/queue/me", {}, None),                  # 401
+            ("GET", f"/api/users/{me}/tickets", auth_headers(me), None),
+            ("GET", f"/api/users/{me}/tickets", auth_headers(other), None),            # 403
+            ("GET", "/api/events/nope/queue/me", auth_headers(me), None),              # 404
+            ("POST", f"/api/events/{event['id']}/queue", auth_headers(me), {"quantity": 1}),
+            ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"quantity": 0}),
+            ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"seats": 2}),
+            ("POST", "/api/events/nope/queue", auth_headers(other), {"quantity": 1}),
+        ]
+        for method, path, headers, body in cases:
+            async with direct.request(method, path, headers=headers, json=body) as r:
+                on_lane = (r.status, await r.json())
+            via_serve = path + ("&" if "?" in path else "?") + "via=serve"
+            async with http.request(method, via_serve, headers=headers, json=body) as r:
+                on_serve = (r.status, await r.json())
+            if on_lane[0] == 200 and "position" in on_lane[1]:
+                for answer in (on_lane[1], on_serve[1]):
+                    answer.pop("eta_seconds", None)  # moves with the clock
+            assert on_lane == on_serve, (method, path, on_lane, on_serve)
+        async with direct.post(f"/api/events/{event['id']}/queue", data=b"{" * 70_000,
+                               headers={**auth_headers(other), "Content-Type": "application/json"}
+                               ) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
+        async with direct.post(f"/api/events/{event['id']}/queue", data=b"not json",
+                               headers={**auth_headers(other), "Content-Type": "application/json"}
+                               ) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "malformed_json"
+        async with direct.get(f"/api/events/{event['id']}", headers=auth_headers(me)) as r:
+            assert r.status == 404  # not a lane route: HAProxy never sends it here
