@@ -2,7 +2,11 @@
 
 One actor call costs ~0.4–1 ms here while 1,000 operations in one call run at
 ~700,000/s, so requests for the same event and method within a short window
-(`actor_batch_window_ms`) share one call.
+(`actor_batch_window_ms`) share one call, and while a call for an event and method is
+in flight the next requests wait for it to return and then go together in the next one:
+under load batches grow instead of calls multiplying. Profiled during `seed-mix` at 800
+users, an event's actor spent ~98 % of its CPU in Ray's per-call machinery (scheduling
+the call onto its loop, (de)serializing, tracing hooks) and ~2 % in the line itself.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Coalescer:
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._pending: dict[tuple[str, str], list[tuple[Any, asyncio.Future]]] = {}
+        self._busy: set[tuple[str, str]] = set()  # a call in flight for (event, method)
         self.calls = 0
         self.items = 0
 
@@ -33,9 +38,10 @@ class Coalescer:
         batch = self._pending.get(key)
         if batch is None:
             batch = self._pending[key] = []
-            loop.call_later(self.window_s, self._fire, key)
+            if key not in self._busy:  # else the call in flight fires it when it returns
+                loop.call_later(self.window_s, self._fire, key)
         batch.append((item, fut))
-        if len(batch) >= MAX_BATCH:
+        if len(batch) >= MAX_BATCH and key not in self._busy:
             self._fire(key)
         result = await fut
         if isinstance(result, EventPulseError):
@@ -43,8 +49,11 @@ class Coalescer:
         return result
 
     def _fire(self, key: tuple[str, str]) -> None:
+        if key in self._busy:
+            return  # the window ended while a call was in flight: it fires on return
         batch = self._pending.pop(key, None)
         if batch:
+            self._busy.add(key)
             asyncio.get_running_loop().create_task(self._run(key, batch))
 
     async def _run(self, key: tuple[str, str], batch: list[tuple[Any, asyncio.Future]]) -> None:
@@ -55,6 +64,9 @@ class Coalescer:
             results = await getattr(get_queue(event_id), method).remote([i for i, _ in batch])
         except Exception as e:  # noqa: BLE001 — every item gets the mapped error
             results = [_mapped(e)] * len(batch)
+        finally:
+            self._busy.discard(key)
+            self._fire(key)  # what queued up meanwhile goes at once, in one call
         for (_, fut), res in zip(batch, results):
             if not fut.done():
                 fut.set_result(res)
