@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import orjson
 import psutil
 import pytest
 
@@ -145,51 +144,6 @@ def test_one_machine_runs_no_more_replicas_than_cores(tmp_path):
     assert bounds(2) == (low, max(low, 2))
     assert bounds(1) == (low, low)  # never below the floor
     assert bounds(64) == (low, high)  # a big machine keeps the file's bounds
-
-
-def test_haproxy_wrapper_drops_splicing_and_answers_its_own_errors_as_503(tmp_path):
-    """The wrapper `eventpulse up` and the tests start Serve's HAProxy through: Serve's
-    config minus `option splice-*`, HAProxy's own 502/503/504 as our 503 envelope. The
-    real HAProxy binary checks the edited config (`-c`), error file included."""
-    from cluster.haproxy import UNAVAILABLE_BODY
-    from cluster.launcher import haproxy_env
-
-    env = haproxy_env(tmp_path)
-    serve_500 = tmp_path / "500.http"
-    serve_500.write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
-                          b"Content-Length: 21\r\n\r\nInternal Server Error")
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(f"""global
-    maxconn 100
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-    option splice-request
-    option splice-response
-    errorfile 502 {serve_500}
-    errorfile 503 {serve_500}
-    errorfile 504 {serve_500}
-frontend f
-    bind 127.0.0.1:{free_port()}
-    default_backend b
-backend b
-    server s 127.0.0.1:9 check
-""")
-    out = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(cfg)],
-                         capture_output=True, text=True, timeout=30, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    edited = (tmp_path / "haproxy.cfg.ep").read_text()
-    assert "splice" not in edited and "mode http" in edited
-    errorfiles = [line.split() for line in edited.splitlines() if "errorfile" in line]
-    assert [code for _, code, _ in errorfiles] == ["502", "503", "504"]
-    ours = {Path(path) for _, _, path in errorfiles}
-    assert len(ours) == 1 and serve_500 not in ours
-    answer = ours.pop().read_bytes()
-    assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in answer
-    assert answer.endswith(b"\r\n\r\n" + UNAVAILABLE_BODY)
-    assert orjson.loads(UNAVAILABLE_BODY)["error"]["code"] == "unavailable"
 
 
 def test_streams_are_bounded_within_the_ingress_connections(monkeypatch):

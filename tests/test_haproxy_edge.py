@@ -86,6 +86,34 @@ def test_a_config_not_shaped_like_serves_is_only_given_the_safe_edits(tmp_path):
     assert edit(odd, unavailable=tmp_path / "x", edge=True) == odd
 
 
+def test_the_wrapper_runs_haproxy_on_the_edited_config(tmp_path):
+    """The wrapper `eventpulse up` and the tests start Serve's HAProxy through: Serve's
+    config minus `option splice-*`, HAProxy's own 502/503/504 as our 503 envelope. The
+    real HAProxy binary checks the edited config (`-c`), error file included."""
+    from cluster.haproxy import UNAVAILABLE_BODY
+    from cluster.launcher import haproxy_env
+
+    env = haproxy_env(tmp_path)
+    serve_500 = tmp_path / "500.http"
+    serve_500.write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                          b"Content-Length: 21\r\n\r\nInternal Server Error")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(SERVE_SHAPED.format(serve_500=serve_500, port=free_port()))
+    out = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(cfg)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    edited = (tmp_path / "haproxy.cfg.ep").read_text()
+    assert "splice" not in edited and "mode http" in edited
+    errorfiles = [line.split() for line in edited.splitlines() if "errorfile" in line]
+    assert [code for _, code, _ in errorfiles] == ["503"]
+    ours = {Path(path) for _, _, path in errorfiles}
+    assert len(ours) == 1 and serve_500 not in ours
+    answer = ours.pop().read_bytes()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in answer
+    assert answer.endswith(b"\r\n\r\n" + UNAVAILABLE_BODY)
+    assert orjson.loads(UNAVAILABLE_BODY)["error"]["code"] == "unavailable"
+
+
 def _token(claims: dict, secret: str | None, alg: str = "HS256") -> str:
     import jwt
 
