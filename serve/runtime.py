@@ -21,6 +21,7 @@ from eventpulse import keys, ledger, metrics
 from eventpulse.errors import EventNotFound
 from eventpulse.redis import RedisClient, get_client, pool_stats
 from eventpulse.settings import Settings, get_settings
+from serve import ratelimit
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
 
@@ -52,6 +53,9 @@ class Runtime:
         self.availability = TTLCache("availability", self.settings.availability_cache_ttl_s)
         self.tickets = TTLCache("tickets", 300.0, max_items=50_000)
         self.coalescer = Coalescer(self.settings.actor_batch_window_ms / 1000)
+        # rate-limit counts batched on one Redis; a cluster keeps one call per user slot
+        self.rate_batcher = None if self.settings.redis_cluster else Coalescer(
+            self.settings.actor_batch_window_ms / 1000, run=ratelimit.batch_runner(lambda: self.redis))
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
         self._listener: asyncio.Task | None = None
         self.started = time.time()

@@ -57,7 +57,10 @@ def main() -> None:
     secret = secrets.token_urlsafe(32)
     os.environ.update({"EVENTPULSE_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
                        "EVENTPULSE_DATA_DIR": tmp, "EVENTPULSE_TOKEN_SECRET": secret,
-                       "RAY_USAGE_STATS_ENABLED": "0"})
+                       "RAY_USAGE_STATS_ENABLED": "0",
+                       # its replicas' lane apart from the session's (SO_REUSEPORT would
+                       # let the session's HAProxy reach this cluster's replicas)
+                       "EVENTPULSE_LANE_PORT": str(free_port())})
     from pathlib import Path
 
     from cluster.launcher import haproxy_env

@@ -107,6 +107,35 @@ async def test_join_rate_limit_is_429_with_retry_after(http, auth_headers, make_
         assert (await r.json())["error"]["code"] == "rate_limited"
 
 
+async def test_concurrent_joins_share_rate_limit_calls_and_each_is_counted(redis, app_env):
+    """On one Redis a replica counts the joins of the same moments in one script call
+    (`serve/ratelimit.py`); each user still gets their own count, and the one over the
+    limit is refused. A Redis Cluster keeps one call per user's slot."""
+    from eventpulse import keys
+    from eventpulse.errors import RateLimited
+    from eventpulse.settings import Settings
+    from serve import ratelimit
+    from serve.batching import Coalescer
+    from serve.runtime import Runtime
+    from tests.conftest import CLUSTER
+
+    if CLUSTER:
+        assert Runtime(Settings(redis_cluster=True)).rate_batcher is None
+        return
+    batcher = Coalescer(0.002, run=ratelimit.batch_runner(lambda: redis))
+    users = [unique() for _ in range(20)]
+    window = int(time.time() // 3600)  # an hour's window: the test never straddles two
+    await redis.set(keys.rate(users[0], "test", window), 3, ex=60)  # at its limit already
+    results = await asyncio.gather(*(ratelimit.hit(redis, u, "test", 3, 3600, batcher)
+                                     for u in users), return_exceptions=True)
+    assert isinstance(results[0], RateLimited) and results[0].retry_after >= 1
+    assert results[1:] == [None] * 19
+    assert batcher.items == 20 and batcher.calls <= 3
+    counts = [int(await redis.get(keys.rate(u, "test", window))) for u in users]
+    assert counts == [4] + [1] * 19
+    assert await redis.ttl(keys.rate(users[1], "test", window)) > 3600  # the window + 5 s
+
+
 async def read_sse(resp, out: list, stop: asyncio.Event) -> None:
     async for line in resp.content:
         if line.startswith(b"data:"):

@@ -17,8 +17,11 @@ from tests.conftest import free_port, unique
 
 SERVE_SHAPED = """global
     maxconn 100
+    log 127.0.0.1:514 local0 info
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 5s
     timeout client 30s
     timeout server 30s
@@ -63,6 +66,10 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
     out = _haproxy_check(path, "s" * 40 if edge else None)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "splice" not in edited and f"errorfile 503 {ours}" in edited
+    assert "httplog" not in edited and "log global" not in edited  # nobody reads them
+    kept = edit(SERVE_SHAPED.format(serve_500=serve_500, port=1), unavailable=ours, edge=edge,
+                keep_logs=True)  # Serve's HAProxy metrics on: they parse the access log
+    assert "option httplog" in kept and "log 127.0.0.1:514" in kept
     assert "path /healthz" in edited  # answered at the edge either way
     assert (f"cache {EDGE_CACHE}" in edited) is edge
     assert ("jwt_verify" in edited) is edge
@@ -75,7 +82,7 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
         assert lines[restore + 1].strip().startswith("server ")
     # the lane's routes are chosen before Serve's catch-all, and only with a lane port
     uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
-    assert uses == (["ep_lane"] * 3 if lane else []) + ["http-eventpulse"]
+    assert uses == (["ep_lane"] * 5 if lane else []) + ["http-eventpulse"]
     assert (f"server lane 127.0.0.1:{lane} check" in edited) is bool(lane)
 
 

@@ -3,11 +3,13 @@ HAProxy, answering the hottest per-user routes exactly as the app does."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
 
 import aiohttp
+import orjson
 
 from tests.conftest import unique
 
@@ -66,6 +68,9 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"quantity": 0}),
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"seats": 2}),
             ("POST", "/api/events/nope/queue", auth_headers(other), {"quantity": 1}),
+            # a bad token and a bad body: the token is refused first, as FastAPI does
+            ("POST", f"/api/events/{event['id']}/queue", {"Authorization": "Bearer x.y.z"},
+             {"quantity": 0, "ticket_type": True}),
         ]
         for method, path, headers, body in cases:
             async with direct.request(method, path, headers=headers, json=body) as r:
@@ -87,3 +92,38 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
             assert r.status == 400 and (await r.json())["error"]["code"] == "malformed_json"
         async with direct.get(f"/api/events/{event['id']}", headers=auth_headers(me)) as r:
             assert r.status == 404  # not a lane route: HAProxy never sends it here
+
+
+async def test_a_stream_on_the_lane_pushes_the_entry_as_it_changes(http, auth_headers, make_event,
+                                                                   app_env):
+    """Through the ingress to the lane: the opening event, then a push when the line
+    moves (the entry ahead leaves), then the stream ends when the client goes."""
+    event = await make_event(total_tickets=1)
+    first, me = unique(), unique()
+    for u in (first, me):
+        async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
+                             headers=auth_headers(u)) as r:
+            assert r.status == 200
+    before = await _lane_sessions(app_env)
+    async with http.get(f"/api/events/{event['id']}/queue/me/stream",
+                        headers=auth_headers(me)) as stream:
+        assert stream.status == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+
+        async def next_entry() -> dict:
+            while True:
+                line = await asyncio.wait_for(stream.content.readline(), 30)
+                if line.startswith(b"data:"):
+                    return orjson.loads(line[5:])
+
+        opening = await next_entry()
+        assert opening["status"] == "waiting" and opening["position"] == 1
+        async with http.delete(f"/api/events/{event['id']}/queue/me",
+                               headers=auth_headers(first)) as r:
+            assert r.status == 200
+        assert (await next_entry())["status"] == "offered"
+    assert await _lane_sessions(app_env) - before >= 1
+    lane = f"http://127.0.0.1:{app_env['EVENTPULSE_LANE_PORT']}"
+    async with aiohttp.ClientSession(lane) as s, \
+            s.get(f"/api/events/{event['id']}/queue/me/stream") as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"

@@ -50,8 +50,11 @@ async def admin_queue(ctx: Any, event_id: str, **patch: Any) -> Response:
 
 
 async def availability(ctx: Any, event_id: str, *, route: str = "availability") -> dict | None:
+    """The event's availability as of now: the checks need it fresh, so past the ingress's
+    one-second edge cache (`Cache-Control: no-cache`)."""
     r = await ctx.control.call("GET", f"/api/events/{event_id}/availability", route,
-                               headers=ctx.organizer_headers(), budgeted=False)
+                               headers={**ctx.organizer_headers(), "Cache-Control": "no-cache"},
+                               budgeted=False)
     return r.body if r.ok and isinstance(r.body, dict) else None
 
 

@@ -49,7 +49,8 @@ async def join(event_id: str, body: JoinIn, p: User):
     if body.quantity > event["max_per_user"]:
         raise InvalidInput(f"quantity must be between 1 and {event['max_per_user']}")
     s = rt.settings
-    await ratelimit.hit(rt.redis, p.user_id, "join", s.join_rate_limit, s.join_rate_window_s)
+    await ratelimit.hit(rt.redis, p.user_id, "join", s.join_rate_limit, s.join_rate_window_s,
+                        rt.rate_batcher)
     view = await rt.coalescer.call(event_id, "join_many",
                                    (p.user_id, body.quantity, body.ticket_type, None))
     rt.availability.invalidate(event_id)
