@@ -250,10 +250,12 @@ def _haproxy_wrapper(base: Path) -> str:
 
 def stop_haproxy(data_dir: Path) -> int:
     """HAProxy outlives a Ray shutdown when the Serve controller can't stop it in time:
-    stop the HAProxy processes that use this instance's config directory."""
+    stop the HAProxy processes that use this instance's config directory, and remove the
+    directory (configs, sockets, the wrapper: `up` writes them again)."""
     import psutil
 
-    marker = _haproxy_base(data_dir).name
+    base = _haproxy_base(data_dir)
+    marker = base.name
     procs = [p for p in psutil.process_iter(["cmdline"])
              if "haproxy" in " ".join(p.info.get("cmdline") or ())
              and marker in " ".join(p.info.get("cmdline") or ())]
@@ -262,6 +264,8 @@ def stop_haproxy(data_dir: Path) -> int:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(procs, timeout=5)
+    shutil.rmtree(base, ignore_errors=True)
     return len(procs)
 
 

@@ -136,6 +136,9 @@ def main() -> None:
             pass
         ray.shutdown()
         cluster.shutdown()
+        from cluster.launcher import stop_haproxy
+
+        stop_haproxy(Path(tmp))  # and its config directory
         redis.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
 
