@@ -38,7 +38,7 @@ from eventpulse.errors import EventPulseError
 from eventpulse.settings import get_settings
 from serve import fastpath
 from serve.auth import authenticate
-from serve.errors import _validation_message, error_response, from_domain
+from serve.errors import _validation_message, error_response, from_domain, unexpected
 from serve.middleware import STREAMS_RETRY_S
 from serve.runtime import get_runtime
 from serve.schemas import JoinIn
@@ -76,7 +76,13 @@ class Lane:
         rt.in_flight += 1
         rt.requests += 1
         try:
-            response = await self._answer(request, fast)
+            try:
+                response = await self._answer(request, fast)
+            except asyncio.CancelledError:
+                status = 499  # the client left (aiohttp cancels its handler), as `Guard` counts it
+                raise
+            except Exception as e:  # noqa: BLE001 — in the envelope, as the app's handlers do
+                response = unexpected(e)
             status = response.status_code
             return _aiohttp(response)
         finally:
