@@ -123,7 +123,7 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
     out: list[str] = []
     section = ""
     backend = _app_backend(lines)
-    edge_done = restore_done = False
+    inserted = restore_done = False
     for line in lines:
         head = line.split()
         if line[:1].strip() and head:          # a section starts at column 0
@@ -132,23 +132,23 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
         if m:
             line = f"{m.group(1)} {unavailable}\n"
         in_frontend = section == "frontend http_frontend"
-        if in_frontend and backend and not edge_done and re.match(
+        if in_frontend and backend and not inserted and re.match(
                 r"\s*(use_backend|default_backend)\b", line):
             out.append(_HEALTH.format(backend=backend))
             if edge:
                 out.append(_EDGE)
             if lane_port:
                 out.append(_LANE)
-            edge_done = True
+            inserted = True
         if edge and section == f"backend {backend}" and not restore_done and re.match(
                 r"\s*server\s", line):
             out.append(_RESTORE)
             restore_done = True
         out.append(line)
     text = "".join(out)
-    if edge and edge_done:
+    if edge and inserted:
         text = text.rstrip("\n") + "\n" + _CACHE
-    if lane_port and edge_done:
+    if lane_port and inserted:
         text = text.rstrip("\n") + "\n" + _LANE_BACKEND.format(port=lane_port)
     return text
 

@@ -39,7 +39,7 @@ from eventpulse.settings import get_settings
 from serve import fastpath
 from serve.auth import authenticate
 from serve.errors import _validation_message, error_response, from_domain, unexpected
-from serve.middleware import STREAMS_RETRY_S
+from serve.middleware import body_late, overloaded, streams_full, too_large
 from serve.runtime import get_runtime
 from serve.schemas import JoinIn
 
@@ -70,7 +70,7 @@ class Lane:
             return await self._stream(request, fast)
         if rt.in_flight >= self.max_in_flight:
             metrics.get("overload").inc(tags={"route": route.split("/")[2]})
-            return _aiohttp(error_response(503, "overloaded", "too many requests in flight", 1))
+            return _aiohttp(overloaded())
         status = 500
         started = time.perf_counter()
         rt.in_flight += 1
@@ -95,19 +95,17 @@ class Lane:
     async def _answer(self, request: web.BaseRequest,
                       fast: tuple[str, list[str], dict[str, str]]) -> Response:
         route, params, q = fast
-        src = request.headers
-        headers = {k.encode(): src[k].encode("latin-1") for k in _HEADERS if k in src}
+        headers = _headers(request)
         body = b""
         if route == fastpath.JOIN:
             if request.content_length is not None and request.content_length > self.max_body:
-                return error_response(413, "payload_too_large", f"body above {self.max_body} bytes")
+                return too_large(self.max_body)
             try:
                 body = await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
             except TimeoutError:
-                return error_response(408, "request_timeout",
-                                      f"body not received within {self.body_timeout_s:g} s")
+                return body_late(self.body_timeout_s)
             if body is None:
-                return error_response(413, "payload_too_large", f"body above {self.max_body} bytes")
+                return too_large(self.max_body)
         response = await fastpath.answer(route, params, q, headers, body)
         return response if response is not None else _invalid_join(body, headers)
 
@@ -118,11 +116,9 @@ class Lane:
         rt = get_runtime()
         if rt.sse_open >= self.max_streams:
             metrics.get("overload").inc(tags={"route": "stream"})
-            return _aiohttp(error_response(503, "streams_full", "no stream free: poll "
-                                           "/queue/me meanwhile", STREAMS_RETRY_S))
+            return _aiohttp(streams_full())
         _, params, q = fast
-        src = request.headers
-        headers = {k.encode(): src[k].encode("latin-1") for k in _HEADERS if k in src}
+        headers = _headers(request)
         status = 500
         rt.sse_open += 1
         rt.requests += 1
@@ -158,6 +154,12 @@ class Lane:
             if len(body) > self.max_body:
                 return None
         return body
+
+
+def _headers(request: web.BaseRequest) -> dict[bytes, bytes]:
+    """The request headers the fast path reads, as the ASGI scope carries them."""
+    src = request.headers
+    return {k.encode(): src[k].encode("latin-1") for k in _HEADERS if k in src}
 
 
 def _invalid_join(body: bytes, headers: dict[bytes, bytes]) -> Response:

@@ -14,6 +14,26 @@ _UNCOUNTED = ("/healthz", "/readyz")
 STREAMS_RETRY_S = 10  # a refused stream retries later; its client polls meanwhile
 
 
+def too_large(max_body: int):
+    return error_response(413, "payload_too_large", f"body above {max_body} bytes")
+
+
+def body_late(timeout_s: float):
+    """A body that did not arrive in time: its client must not hold a handler."""
+    return error_response(408, "request_timeout", f"body not received within {timeout_s:g} s")
+
+
+def streams_full():
+    """A stream refused past `max_streams`: its client polls `/queue/me` meanwhile."""
+    return error_response(503, "streams_full", "no stream free: poll /queue/me meanwhile",
+                          STREAMS_RETRY_S)
+
+
+def overloaded():
+    """A request refused past `max_in_flight`: queueing it would only add latency."""
+    return error_response(503, "overloaded", "too many requests in flight", 1)
+
+
 class Guard:
     """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
     requests in flight, so latency does not pile up; records per-route metrics."""
@@ -50,8 +70,7 @@ class Guard:
             except ValueError:
                 return await error_response(400, "bad_request", "bad Content-Length")(scope, receive, send)
             if too_big:
-                return await error_response(413, "payload_too_large",
-                                            f"body above {self.max_body} bytes")(scope, receive, send)
+                return await too_large(self.max_body)(scope, receive, send)
         body = b""
         if scope["method"] in ("POST", "PUT", "PATCH"):
             # Read the whole (small) body before routing, under the size limit and a
@@ -60,12 +79,9 @@ class Guard:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
             except asyncio.TimeoutError:
-                return await error_response(408, "request_timeout",
-                                            f"body not received within {self.body_timeout_s:g} s"
-                                            )(scope, receive, send)
+                return await body_late(self.body_timeout_s)(scope, receive, send)
             if body is None:
-                return await error_response(413, "payload_too_large",
-                                            f"body above {self.max_body} bytes")(scope, receive, send)
+                return await too_large(self.max_body)(scope, receive, send)
             sent = False
 
             async def receive():  # noqa: F811 — replay the buffered body once
@@ -76,12 +92,10 @@ class Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
         if streaming and rt.sse_open >= self.max_streams:
             metrics.get("overload").inc(tags={"route": "stream"})
-            return await error_response(503, "streams_full", "no stream free: poll "
-                                        "/queue/me meanwhile", STREAMS_RETRY_S)(scope, receive, send)
+            return await streams_full()(scope, receive, send)
         if not streaming and path not in _UNCOUNTED and rt.in_flight >= self.max_in_flight:
             metrics.get("overload").inc(tags={"route": path.split("/")[2] if path.count("/") > 1 else path})
-            return await error_response(503, "overloaded", "too many requests in flight",
-                                        1)(scope, receive, send)
+            return await overloaded()(scope, receive, send)
         status = 500
         started = time.perf_counter()
 
