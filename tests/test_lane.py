@@ -14,13 +14,24 @@ import orjson
 from tests.conftest import unique
 
 
-async def _lane_sessions(app_env) -> int:
-    """Requests HAProxy has sent to the lane backend so far (its stats page, as CSV)."""
+async def _lane_backend() -> dict[str, str]:
+    """HAProxy's stats row of the lane backend (its stats page, as CSV)."""
     port = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/stats;csv") as r:
         rows = csv.DictReader(io.StringIO((await r.text()).lstrip("# ")))
-        return sum(int(row["stot"] or 0) for row in rows
-                   if row["pxname"] == "ep_lane" and row["svname"] == "BACKEND")
+        return next(row for row in rows if row["pxname"] == "ep_lane" and row["svname"] == "BACKEND")
+
+
+async def _lane_sessions(app_env) -> int:
+    """Requests HAProxy has sent to the lane backend so far. Waits (up to 30 s) for its
+    health check to pass first: until then HAProxy sends the lane's routes to Serve, as
+    it does when a node has no replica up."""
+    for _ in range(60):
+        row = await _lane_backend()
+        if row["status"] == "UP":
+            return int(row["stot"] or 0)
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"HAProxy never saw the lane up: {row}")
 
 
 async def test_haproxy_sends_the_lanes_routes_to_the_lane(http, auth_headers, make_event, app_env):
