@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 from starlette.responses import Response
 
 from eventpulse.errors import EventPulseError, Unauthorized
-from serve.auth import authenticate, require_self
+from serve.auth import authenticate_vouched, require_self
 from serve.errors import from_domain, unexpected
 from serve.responses import json
 from serve.routes.events import event_response
@@ -121,7 +121,7 @@ async def _answer(route: str, params: list[str], q: dict[str, str],
     if route == HEALTH:
         return json({"status": "ok"})
     try:
-        p = authenticate(_token(headers))
+        p = authenticate_vouched(_token(headers), headers)
         if route == JOIN:
             return await queue.join(params[0], join, p)
         inm = headers.get(b"if-none-match", b"").decode("latin-1") or None
@@ -169,7 +169,7 @@ async def open_stream(event_id: str, q: dict[str, str], headers: dict[bytes, byt
                       ) -> tuple[str, str, dict] | Response:
     """(event, user, first entry) for a stream to follow, or the error to answer."""
     try:
-        p = authenticate(_token(headers, q.get("access_token")))
+        p = authenticate_vouched(_token(headers, q.get("access_token")), headers)
         return event_id, p.user_id, await my_entry(event_id, p.user_id)
     except Exception as e:  # noqa: BLE001 — answered as FastAPI's handlers would
         return _failure(e)

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from eventpulse import metrics
+from eventpulse.auth import VOUCHED_PROOF, VOUCHED_SIGNATURE
 from eventpulse.errors import EventPulseError
 from eventpulse.settings import get_settings
 from serve import fastpath
@@ -45,7 +46,8 @@ from serve.schemas import JoinIn
 
 ROUTES = frozenset({fastpath.POSITION, fastpath.QUEUE_ME, fastpath.TICKETS, fastpath.JOIN,
                     fastpath.STREAM, fastpath.HEALTH})
-_HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type")
+_HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type",
+            VOUCHED_SIGNATURE.decode(), VOUCHED_PROOF.decode())
 
 
 class Lane:

