@@ -24,20 +24,25 @@ def digest(body: BaseModel) -> str:
     return hashlib.blake2b(body.model_dump_json().encode(), digest_size=12).hexdigest()
 
 
+def packed(body: BaseModel, value: Any) -> bytes:
+    """A claim as stored: the body's digest and the route's value."""
+    return msgpack.packb({"h": digest(body), "v": value})
+
+
 async def claim(r: RedisClient, key: str, body: BaseModel, value: Any) -> tuple[Any, bool]:
     """Claim `key` with `value` unless a claim is there; (the value in force, ours?)."""
-    raw = await r.set(key, msgpack.packb({"h": digest(body), "v": value}), nx=True, get=True,
-                      ex=TTL_S)
-    return (value, True) if raw is None else (_same_body(raw, body), False)
+    raw = await r.set(key, packed(body, value), nx=True, get=True, ex=TTL_S)
+    return (value, True) if raw is None else (claimed(raw, body), False)
 
 
 async def prior(r: RedisClient, key: str, body: BaseModel) -> Any | None:
     """The value an earlier request with this key claimed, or None."""
     raw = await r.get(key)
-    return None if raw is None else _same_body(raw, body)
+    return None if raw is None else claimed(raw, body)
 
 
-def _same_body(raw: bytes, body: BaseModel) -> Any:
+def claimed(raw: bytes, body: BaseModel) -> Any:
+    """The value of a stored claim, when it was made with the same body."""
     found = msgpack.unpackb(raw, raw=False)
     if found.get("h") != digest(body):
         raise IdempotencyMismatch("this Idempotency-Key was used with a different body")
