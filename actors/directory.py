@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError
 
 from actors.event_queue import EventQueue
 
@@ -63,3 +64,14 @@ def get_queue(event_id: str) -> Any:
 def forget(event_id: str) -> None:
     """Drop a cached handle (after the actor was killed for good)."""
     _handles.pop(event_id, None)
+
+
+async def call(event_id: str, method: str, *args: Any) -> Any:
+    """`method(*args)` on the event's actor. An actor that left for good (an idle line,
+    `line_idle_exit_s`) answers ActorDiedError on the handle cached here: the call goes
+    once more, to the actor created again under the same name."""
+    try:
+        return await getattr(get_queue(event_id), method).remote(*args)
+    except ActorDiedError:
+        forget(event_id)
+        return await getattr(get_queue(event_id), method).remote(*args)

@@ -83,9 +83,11 @@ class EventQueue:
         self._timer_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._counted: dict[str, int] = {}
+        self._last_call = time.monotonic()  # for leaving when idle (`line_idle_exit_s`)
 
     # loading -------------------------------------------------------------------------
     async def _ready(self) -> WaitingLine:
+        self._last_call = time.monotonic()
         if self.line is not None:
             return self.line
         async with self._load_lock:
@@ -209,6 +211,8 @@ class EventQueue:
             if time.monotonic() >= next_metrics:
                 self._publish_metrics(now)
                 next_metrics = time.monotonic() + METRICS_EVERY_S
+                if self._idle_for_good(time.time()) and await self._leave():
+                    return
             deadline = self.line.next_deadline(time.time())
             wait = METRICS_EVERY_S if deadline is None else max(0.0, min(deadline - time.time(), METRICS_EVERY_S))
             self._timer_wake.clear()
@@ -216,6 +220,28 @@ class EventQueue:
                 await asyncio.wait_for(self._timer_wake.wait(), wait + 0.001)
             except asyncio.TimeoutError:
                 pass
+
+    def _idle_for_good(self, now: float) -> bool:
+        """No call for `line_idle_exit_s`, every fact in Redis, and nothing in the line due
+        at any time: the actor may leave without the line missing a moment."""
+        limit = self.settings.line_idle_exit_s
+        return (limit > 0 and not self._pending and not self._waiters
+                and time.monotonic() - self._last_call >= limit
+                and self.line is not None and self.line.next_deadline(now) is None)
+
+    async def _leave(self) -> bool:
+        """Snapshot (everything applied, a journal write in flight included), then end this
+        actor for good: its name is free, and the next call to the event creates it again
+        (`actors.directory.call`), which rebuilds the line from Redis. Stays (False) when
+        the snapshot could not be written."""
+        before = self._last_snapshot
+        await self._snapshot(get_client())
+        if self._last_snapshot == before:
+            return False
+        log.info("event %s: idle for %.0f s with nothing due; leaving", self.event_id,
+                 time.monotonic() - self._last_call)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        return True
 
     def _publish_metrics(self, now: float) -> None:
         assert self.line is not None

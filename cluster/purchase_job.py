@@ -27,9 +27,10 @@ from typing import Any, Awaitable, TypeVar
 
 import msgpack
 import ray
+from ray.exceptions import ActorDiedError
 from redis.exceptions import ResponseError
 
-from actors.directory import NAMESPACE, get_queue
+from actors.directory import NAMESPACE, call, forget, get_queue
 from eventpulse import keys, metrics
 from eventpulse.ledger import Ledger
 from eventpulse.payments import PaymentGateway, get_gateway
@@ -203,8 +204,8 @@ class PartitionConsumer:
         ledger = Ledger(r)
         await self._settle_records(r, ledger, req["event_id"], [(req, "failed", error[:200])])
         committed = req.get("status") == "committed"
-        await get_queue(req["event_id"]).finish_purchases.remote(
-            [(req["user_id"], "committed" if committed else "failed")])
+        await call(req["event_id"], "finish_purchases",
+                   [(req["user_id"], "committed" if committed else "failed")])
         if committed:
             tickets = await self._tickets_of(r, req["event_id"], req["pid"])
             await ledger.index_tickets(req["event_id"], tickets)
@@ -248,6 +249,8 @@ class PartitionConsumer:
             await self._process_event(r, ledger, event_id, [req for _, req in batch])
             return [mid for mid, _ in batch]
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, ActorDiedError):  # an idle line's actor left: a new one next
+                forget(event_id)
             if len(batch) == 1:
                 await self._note_failure(r, batch[0][0], event_id, e)
                 return []

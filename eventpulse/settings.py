@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     abandon_after_s: float = Field(
         300, description="An entry not seen for this long is skipped when it reaches the head."
     )
+    line_idle_exit_s: float = Field(
+        300.0, ge=0, description="An event's line actor leaves after this long without a call "
+        "while nothing in its line is due (no offer to expire, no opening, no grant waiting on "
+        "the clock); the next call creates it again from Redis. Each idle actor cost ~1 % of a "
+        "core here (Ray's own per-process work); 0 keeps them for good.")
     snapshot_every_n: int = Field(
         50_000, description="Snapshot after this many journaled mutations..."
     )
@@ -128,6 +133,10 @@ class Settings(BaseSettings):
     availability_cache_ttl_s: float = Field(
         0.5, description="L1 TTL of availability: it changes with every offer."
     )
+    hot_reads_min_readers: int = Field(
+        400, ge=0, description="A replica with this many distinct readers of one event within "
+        "3 s answers their position reads from one bulk read every 0.1 s (at most 0.25 s old) "
+        "instead of an actor call each (serve/hotreads.py); 0 turns it off.")
     actor_batch_window_ms: float = Field(
         2.0, description="Replicas coalesce actor calls for one event within this window."
     )

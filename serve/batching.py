@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.exceptions import RayError
 
-from actors.directory import get_queue
+from actors.directory import call
 from eventpulse.errors import Busy, EventPulseError
 
 MAX_BATCH = 2000  # a bigger batch starts at once: waiting longer buys nothing
@@ -78,13 +78,13 @@ class Coalescer:
 
 async def _actor_call(key: tuple[str, str], items: list[Any]) -> list[Any]:
     event_id, method = key
-    return await getattr(get_queue(event_id), method).remote(items)
+    return await call(event_id, method, items)
 
 
 async def direct(event_id: str, method: str, *args: Any) -> Any:
     """A single (non-coalesced) actor call with the same error mapping."""
     try:
-        return await getattr(get_queue(event_id), method).remote(*args)
+        return await call(event_id, method, *args)
     except Exception as e:  # noqa: BLE001
         raise _mapped(e) from None
 

@@ -50,6 +50,10 @@ _HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type",
             VOUCHED_SIGNATURE.decode(), VOUCHED_PROOF.decode())
 
 
+class _ClientGone(Exception):
+    """The client closed the connection before its request's body was complete."""
+
+
 class Lane:
     """aiohttp's low-level handler for the lane's routes, bounded as `Guard` bounds the app."""
 
@@ -83,6 +87,9 @@ class Lane:
             except asyncio.CancelledError:
                 status = 499  # the client left (aiohttp cancels its handler), as `Guard` counts it
                 raise
+            except _ClientGone:  # it left mid-body: there is no one to answer
+                status = 499
+                return web.Response(status=499)
             except Exception as e:  # noqa: BLE001 — in the envelope, as the app's handlers do
                 response = unexpected(e)
             status = response.status_code
@@ -106,6 +113,8 @@ class Lane:
                 body = await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
             except TimeoutError:
                 return body_late(self.body_timeout_s)
+            except ConnectionResetError:  # aiohttp's "Connection lost" for a body cut short
+                raise _ClientGone from None
             if body is None:
                 return too_large(self.max_body)
         response = await fastpath.answer(route, params, q, headers, body)

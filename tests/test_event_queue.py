@@ -166,3 +166,75 @@ async def test_the_line_version_moves_with_the_line_and_watch_many_reads_it(redi
     newer, views = await q.watch_many.remote(users[1:])
     assert newer > version and await q.version.remote() == newer
     assert [v and v["position"] for v in views] == [None, 1, 2]
+
+
+async def test_an_idle_line_leaves_and_the_next_call_brings_it_back(redis, queue_of, monkeypatch):
+    """An event's actor with nothing due in its line and no call for `line_idle_exit_s`
+    ends for good (an idle actor still costs Ray's per-process work); the next call goes
+    to a new actor under the same name, which has the line back from Redis."""
+    from actors import directory
+
+    eid = await new_event(redis, total=5)
+    monkeypatch.setenv("EVENTPULSE_LINE_IDLE_EXIT_S", "1")
+    q = queue_of(eid)  # created with the short limit in its environment
+    monkeypatch.delenv("EVENTPULSE_LINE_IDLE_EXIT_S")
+    users = [unique() for _ in range(3)]
+    views = await q.join_many.remote([(u, 1, None, None) for u in users])
+    assert [v["status"] for v in views] == ["offered"] * 3  # offers expire later: due
+    for u in users[:2]:
+        await q.leave.remote(u)
+    first = await q.incarnation.remote()
+    await asyncio.sleep(8)
+    assert ray.get_actor(actor_name(eid), namespace=NAMESPACE)  # an offer is still due
+    await q.leave.remote(users[2])  # now nothing is due at any time
+    for _ in range(60):
+        try:
+            ray.get_actor(actor_name(eid), namespace=NAMESPACE)
+        except ValueError:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        raise AssertionError("the idle actor did not leave")
+    views = await directory.call(eid, "view_many", users)
+    assert [v["status"] for v in views] == ["left"] * 3
+    stats = await directory.call(eid, "stats")
+    assert stats["live_offers"] == 0 and stats["waiting"] == 0
+    assert await directory.call(eid, "incarnation") != first  # a new actor, the same name
+
+
+async def test_a_busy_events_readers_are_answered_from_one_bulk_read(redis, queue_of):
+    """`serve.hotreads` against a real line: below `min_readers` every read goes to the
+    actor; from then on one bulk read every `period_s` answers the readers it covers, a
+    change shows within `max_age_s`, a reader's own change drops their entry, and when the
+    readers go quiet the bulk reads stop."""
+    from actors import directory
+    from serve.hotreads import MISS, HotReads
+
+    eid = await new_event(redis, total=2)
+    q = queue_of(eid)
+    users = [unique() for _ in range(6)]
+    await q.join_many.remote([(u, 1, None, None) for u in users])
+    sizes: list[int] = []
+
+    async def fetch(event_id: str, readers: list[str]) -> list:
+        sizes.append(len(readers))
+        return await directory.call(event_id, "view_many", readers)
+
+    def same(views: list) -> list:
+        return [{k: v for k, v in view.items() if k != "eta_seconds"} for view in views]
+
+    hot = HotReads(fetch, min_readers=5, period_s=0.05, keep_s=1.0, max_age_s=0.5)
+    assert [hot.get(eid, u) for u in users[:5]] == [MISS] * 5  # the fifth starts the reads
+    await asyncio.sleep(0.3)
+    assert sizes and set(sizes) == {5}  # one call for all five readers, each time
+    answered = [hot.get(eid, u) for u in users[:5]]
+    assert same(answered) == same(await q.view_many.remote(users[:5]))
+    assert hot.get(eid, users[5]) is MISS  # a new reader is not in the last bulk read
+    await q.leave.remote(users[0])  # the next in line (users[2]) is offered the seats
+    await asyncio.sleep(0.3)
+    assert hot.get(eid, users[2])["status"] == "offered"
+    assert hot.get(eid, users[0])["status"] == "left"
+    hot.forget(eid, users[3])
+    assert hot.get(eid, users[3]) is MISS
+    await asyncio.sleep(1.6)  # nobody reads for longer than keep_s: the bulk reads stop
+    assert eid not in hot._tasks and hot.get(eid, users[1]) is MISS

@@ -182,3 +182,46 @@ async def test_the_lane_takes_haproxys_word_for_a_signature_only_with_the_proof(
         assert r.status == 401
     async with http.post(path, json={"quantity": 1}, headers=auth_headers(other)) as r:
         assert r.status == 200  # a real token, vouched for by HAProxy
+
+
+async def test_the_lane_counts_a_client_that_left_as_499():
+    """A lane of this process: a client sends half a join's body and goes. aiohttp cancels
+    the handler waiting for the rest; the lane frees its slot and counts the request as
+    499, as `Guard` counts a client that left Serve's path."""
+    from eventpulse import metrics
+    from serve import fastpath, lane
+    from serve.runtime import get_runtime
+    from tests.conftest import free_port
+
+    key = ("http_requests", (("route", fastpath.JOIN), ("method", "POST"), ("status", "499")))
+    flushed: list[float] = []  # counts handed to Ray meanwhile leave the aggregate
+    metrics.aggregate.on_flush(lambda: flushed.append(metrics.aggregate._counts.get(key, 0)))
+
+    def counted() -> float:
+        return sum(flushed) + metrics.aggregate._counts.get(key, 0)
+
+    before = counted()
+    rt = get_runtime()
+    busy = rt.in_flight
+    port = free_port()
+    server = await lane.start(port)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/events/e1/queue HTTP/1.1\r\nHost: lane\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"quan")
+        await writer.drain()
+        for _ in range(200):
+            if rt.in_flight > busy:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.in_flight == busy + 1  # waiting for the rest of the body
+        writer.close()
+        for _ in range(200):
+            if rt.in_flight == busy:
+                break
+            await asyncio.sleep(0.01)
+        assert rt.in_flight == busy
+        assert counted() - before == 1
+    finally:
+        server.close()
+        await server.wait_closed()
