@@ -133,10 +133,6 @@ class Settings(BaseSettings):
     availability_cache_ttl_s: float = Field(
         0.5, description="L1 TTL of availability: it changes with every offer."
     )
-    hot_reads_min_readers: int = Field(
-        400, ge=0, description="A replica with this many distinct readers of one event within "
-        "3 s answers their position reads from one bulk read every 0.1 s (at most 0.25 s old) "
-        "instead of an actor call each (serve/hotreads.py); 0 turns it off.")
     actor_batch_window_ms: float = Field(
         2.0, description="Replicas coalesce actor calls for one event within this window."
     )

@@ -24,7 +24,6 @@ from eventpulse.settings import Settings, get_settings
 from serve import ratelimit
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
-from serve.hotreads import MISS, HotReads
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,6 @@ class Runtime:
         self.availability = TTLCache("availability", self.settings.availability_cache_ttl_s)
         self.tickets = TTLCache("tickets", 300.0, max_items=50_000)
         self.coalescer = Coalescer(self.settings.actor_batch_window_ms / 1000)
-        self.hot = HotReads(lambda event_id, users: direct(event_id, "view_many", users),
-                            min_readers=self.settings.hot_reads_min_readers)
         # rate-limit counts batched on one Redis; a cluster keeps one call per user slot
         self.rate_batcher = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=ratelimit.batch_runner(lambda: self.redis))
@@ -130,14 +127,7 @@ class Runtime:
         await self.redis.publish(keys.EVENT_CHANNEL, event_id)
 
     # the line ------------------------------------------------------------------------
-    async def entry(self, event_id: str, user_id: str, fresh: bool = False
-                    ) -> dict[str, Any] | None:
-        """The user's entry (None when absent); a busy event's readers may get it from a
-        bulk read at most 0.25 s old (`serve/hotreads.py`) unless `fresh`."""
-        if not fresh:
-            view = self.hot.get(event_id, user_id)
-            if view is not MISS:
-                return view
+    async def entry(self, event_id: str, user_id: str) -> dict[str, Any] | None:
         return await self.coalescer.call(event_id, "view_many", user_id)
 
     # purchases -----------------------------------------------------------------------
@@ -199,8 +189,7 @@ class Runtime:
             "in_flight": self.in_flight,
             "sse_open": self.sse_open,
             "redis_pool": stats,
-            "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items,
-                            "hot_reads": self.hot.hits},
+            "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},
             "cache": {c.kind: c.stats() for c in (self.events, self.availability, self.tickets)},
             "gc": {"thresholds": gc.get_threshold(),
                    "collections": [g["collections"] for g in gc.get_stats()]},

@@ -54,7 +54,6 @@ async def join(event_id: str, body: JoinIn, p: User):
     view = await rt.coalescer.call(event_id, "join_many",
                                    (p.user_id, body.quantity, body.ticket_type, None))
     rt.availability.invalidate(event_id)
-    rt.hot.forget(event_id, p.user_id)
     return json(shaped(event_id, view))
 
 
@@ -105,5 +104,4 @@ async def _change_mine(event_id: str, user_id: str, method: str):
     await rt.event(event_id)
     view = await direct(event_id, method, user_id)
     rt.availability.invalidate(event_id)
-    rt.hot.forget(event_id, user_id)
     return json(shaped(event_id, view))
