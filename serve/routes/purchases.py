@@ -1,7 +1,9 @@
 """Purchases: accepted here, committed by the purchase job (`cluster/purchase_job.py`).
 
-Accepting costs one coalesced actor read (the live offer) and two Redis round trips
-(idempotency claim, answering any prior claim; record + stream append in one pipeline).
+Accepting costs one coalesced actor read (the live offer) and, on one Redis, one script
+that claims the Idempotency-Key and records the purchase for the job (a Redis Cluster:
+the claim, then the record + stream append in one pipeline). With `?wait=` the answer is
+built from the outcome the job publishes, without reading the purchase back.
 """
 
 from __future__ import annotations
