@@ -13,10 +13,10 @@ The edits:
   connections (open SSE streams, mostly). Our answers and pushes are a few hundred bytes,
   where splicing saves nothing; without it a connection costs two descriptors.
 * **No per-request log lines.** Serve's template sends HAProxy's access log to a local
-  syslog port that Serve's HAProxy manager reads only for its request metrics; with
-  those off (as `eventpulse up` and `ray-cluster.yaml` run it (`RAY_SERVE_HAPROXY_METRICS_ENABLED=0`; the app's own
-  `eventpulse_http_*` metrics count every request) the lines were formatted and sent for
-  nobody, so they are dropped.
+  syslog port that Serve's HAProxy manager reads only for its request metrics. With
+  those off (`RAY_SERVE_HAPROXY_METRICS_ENABLED=0`, as `eventpulse up` and
+  `ray-cluster.yaml` run it; the app's own `eventpulse_http_*` metrics count every
+  request) the lines were formatted and sent for nobody, so they are dropped.
 * **HAProxy's own errors are our 503.** No replica up, a replica that timed out or broke
   the connection: a 503 with `Retry-After` in the API's error envelope. Serve's template
   maps them to a plain-text 500, which tells a client the request is wrong rather than to
@@ -50,13 +50,14 @@ import re
 import sys
 from pathlib import Path
 
+from eventpulse.auth import LEEWAY_S  # the edge accepts what the app accepts
+
 UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
 
 SECRET_ENV = "EP_EDGE_SECRET"   # how the verified secret reaches HAProxy (never the file)
 PROOF_ENV = "EP_EDGE_PROOF"     # what HAProxy sends the lane beside a token it verified
 EDGE_CACHE = "ep_edge"
 EDGE_TTL_S = 1                  # the shortest max-age the app gives these reads
-LEEWAY_S = 5                    # as `eventpulse.auth.verify_token`
 
 # no client may claim HAProxy verified its token (`serve.auth.authenticate_vouched`)
 _STRIP = ("    # Event-Pulse edge: only HAProxy says which tokens it verified\n"

@@ -150,6 +150,18 @@ def get_client(settings: Settings | None = None) -> RedisClient:
     return client
 
 
+_scripts: dict[tuple[int, str], Any] = {}
+
+
+def script(client: RedisClient, source: str) -> Any:
+    """`source` registered on `client` once (redis-py sends EVALSHA, loading it if needed)."""
+    key = (id(client), source)
+    found = _scripts.get(key)
+    if found is None:
+        found = _scripts[key] = client.register_script(source)
+    return found
+
+
 def pool_stats(client: RedisClient) -> dict[str, int]:
     """In-use and idle connection counts (and Redis nodes), for /readyz and the gauges."""
     if isinstance(client, RedisCluster):

@@ -8,7 +8,7 @@ from typing import Any
 
 from eventpulse import keys
 from eventpulse.errors import RateLimited
-from eventpulse.redis import RedisClient
+from eventpulse.redis import RedisClient, script
 
 # INCR each key and arm its window's expiry, in one call: a pipeline costs redis-py
 # several times the CPU of one script call, and joins arrive in bursts. One user's key
@@ -24,21 +24,13 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-_scripts: dict[int, object] = {}
-
-
-def _script(r: RedisClient):
-    script = _scripts.get(id(r))
-    if script is None:
-        script = _scripts[id(r)] = r.register_script(_HIT_LUA)
-    return script
 
 
 def batch_runner(redis: Callable[[], RedisClient]):
     """`Coalescer` run function counting many users' keys in one script call; a batch's
     key is (action, expiry seconds)."""
     async def run(key: tuple[str, str], rate_keys: list[str]) -> list[int]:
-        return await _script(redis())(keys=rate_keys, args=[key[1]])
+        return await script(redis(), _HIT_LUA)(keys=rate_keys, args=[key[1]])
     return run
 
 
@@ -54,7 +46,7 @@ async def hit(r: RedisClient, user_id: str, action: str, limit: int, window_s: i
     if batcher is not None:
         count = await batcher.call(action, str(window_s + 5), key)
     else:
-        (count,) = await _script(r)(keys=[key], args=[window_s + 5])
+        (count,) = await script(r, _HIT_LUA)(keys=[key], args=[window_s + 5])
     if count > limit:
         retry = (window + 1) * window_s - now
         raise RateLimited(f"at most {limit} {action} requests per {window_s} s",

@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import os
+import secrets
 
 import aiohttp
 import orjson
@@ -160,7 +161,8 @@ async def test_the_lane_takes_haproxys_word_for_a_signature_only_with_the_proof(
 
     event = await make_event(total_tickets=5)
     u = unique()
-    forged = mint_token(u, secret="another-secret-" * 3)
+    another = secrets.token_urlsafe(32)  # not the app's secret
+    forged = mint_token(u, secret=another)
     path = f"/api/events/{event['id']}/queue"
     proof = edge_proof(test_secret)
     word = {"Authorization": f"Bearer {forged}", "X-EP-Verified": forged.rsplit(".", 1)[1]}
@@ -174,7 +176,7 @@ async def test_the_lane_takes_haproxys_word_for_a_signature_only_with_the_proof(
         async with direct.post(path, json={"quantity": 1}, headers={**word, "X-EP-Proof": proof}) as r:
             assert r.status == 200 and (await r.json())["status"] == "offered"
     other = unique()
-    forged = mint_token(other, secret="another-secret-" * 3)
+    forged = mint_token(other, secret=another)
     made_up = {"Authorization": f"Bearer {forged}", "X-EP-Verified": forged.rsplit(".", 1)[1],
                "X-EP-Proof": proof}
     await _lane_sessions(app_env)  # the lane is up: this goes there

@@ -21,7 +21,7 @@ from eventpulse.auth import Principal
 from eventpulse.errors import (AlreadyPurchased, Busy, Forbidden, InvalidInput, NoOffer,
                                NotFound, OfferExpired, PaymentDeclined, SoldOut, Conflict)
 from eventpulse.payments import verify_webhook
-from eventpulse.redis import RedisClient
+from eventpulse.redis import RedisClient, script
 from serve import idempotency
 from serve.auth import principal
 from serve.errors import ErrorEnvelope_responses as ERRORS
@@ -42,14 +42,21 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
 
 
 async def purchase_view(event_id: str, pid: str, rec: dict[str, str]) -> dict[str, Any]:
-    tickets: list[dict] = []
+    blobs: list[bytes | None] = []
     if rec.get("status") == "committed" and rec.get("tickets"):
         ids = rec["tickets"].split(",")
         blobs = await get_runtime().redis.hmget(keys.event_tickets(event_id), ids)
-        tickets = [ledger.unpack_ticket(b, event_id) for b in blobs if b]
-    return {"purchase_id": pid, "event_id": event_id, "status": rec.get("status", "accepted"),
-            "quantity": int(rec.get("quantity", 0)), "reason": rec.get("reason") or None,
-            "tickets": tickets, "status_url": f"/api/purchases/{pid}"}
+    return _view(event_id, pid, rec.get("status", "accepted"), int(rec.get("quantity", 0)),
+                 rec.get("reason"), blobs)
+
+
+def _view(event_id: str, pid: str, status: str, quantity: int, reason: str | None,
+          blobs: list[bytes | None]) -> dict[str, Any]:
+    """A purchase as the API shows it; `blobs` are its tickets' stored records."""
+    return {"purchase_id": pid, "event_id": event_id, "status": status, "quantity": quantity,
+            "reason": reason or None,
+            "tickets": [ledger.unpack_ticket(b, event_id) for b in blobs if b],
+            "status_url": f"/api/purchases/{pid}"}
 
 
 def _outcome_response(view: dict[str, Any]):
@@ -99,21 +106,23 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
         ours = {"pid": ledger.new_id(), "event_id": event_id, "user_id": p.user_id,
                 "quantity": body.quantity, "ticket_type": ttype, "unit_price": price,
                 "payment_reference": body.payment_reference}
+        # listen before the purchase reaches the job, which may settle it at once
+        fut = rt.expect_purchase(ours["pid"]) if wait else None
         if rt.settings.redis_cluster:  # the claim and the record live in different slots
             request, fresh = await idempotency.claim(r, idem_key, body, ours)
-        else:  # one script claims and records: the job may settle it at once, so listen first
-            fut = rt.expect_purchase(ours["pid"]) if wait else None
+        else:  # one script claims and, when the claim is ours, records
             request, fresh = await _claim_and_record(r, idem_key, body, ours,
                                                      rt.settings.purchase_partitions)
-            if not fresh and fut is not None:
-                rt.forget_purchase(ours["pid"], fut)
-                fut = None
+        if not fresh and fut is not None:  # an earlier request's purchase is in force
+            rt.forget_purchase(ours["pid"], fut)
+            fut = None
     at = _stage("claim", at)
     if not fresh and await r.exists(keys.purchase(event_id, request["pid"])):
         return await _await_outcome(event_id, request["pid"], wait)
     pid = request["pid"]
-    if not fresh or rt.settings.redis_cluster:  # else the claim's script recorded it
+    if not fresh:  # a claim whose replica died before recording it: record it now
         fut = rt.expect_purchase(pid) if wait else None
+    if not fresh or rt.settings.redis_cluster:  # else the claim's script recorded it
         await _record(r, request, rt.settings.purchase_partitions)
     at = _stage("record", at)
     view = None
@@ -133,20 +142,15 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
 def _published_view(outcome: dict[str, Any], request: dict[str, Any]) -> dict[str, Any] | None:
     """The purchase's view from the outcome the job published (`purchase_view`'s answer,
     without reading the record back), or None when it does not carry all of it."""
-    status, event_id = outcome.get("status"), request["event_id"]
+    status = outcome.get("status")
     if status == "committed":
         if not outcome.get("tickets"):
             return None  # settled by an earlier delivery: the record has its tickets
-        tickets = [ledger.unpack_ticket(b, event_id) for b in outcome["tickets"]]
-    elif status in ("rejected", "declined", "failed"):
-        tickets = []
-    else:
+    elif status not in ("rejected", "declined", "failed"):
         return None
-    pid = request["pid"]
-    return {"purchase_id": pid, "event_id": event_id, "status": status,
-            "quantity": int(outcome.get("quantity") or request["quantity"]),
-            "reason": outcome.get("reason") or None, "tickets": tickets,
-            "status_url": f"/api/purchases/{pid}"}
+    return _view(request["event_id"], request["pid"], status,
+                 int(outcome.get("quantity") or request["quantity"]), outcome.get("reason"),
+                 outcome.get("tickets") or [])
 
 
 def _stage(name: str, started: float) -> float:
@@ -172,17 +176,12 @@ redis.call('HSETNX', KEYS[4], 'user_id', ARGV[5])
 redis.call('HSETNX', KEYS[4], 'quantity', ARGV[6])
 return false
 """
-_scripts: dict[int, Any] = {}
-
 
 async def _claim_and_record(r: RedisClient, key: str, body: PurchaseIn, request: dict[str, Any],
                             partitions: int) -> tuple[dict[str, Any], bool]:
     """`idempotency.claim` of `request`, which when ours is also recorded (`_record`)."""
-    script = _scripts.get(id(r))
-    if script is None:
-        script = _scripts[id(r)] = r.register_script(_CLAIM_AND_RECORD)
     event_id, pid, user = request["event_id"], request["pid"], request["user_id"]
-    prior = await script(
+    prior = await script(r, _CLAIM_AND_RECORD)(
         keys=[key, _stream_of(user, partitions), keys.purchase_owner(pid),
               keys.purchase(event_id, pid)],
         args=[idempotency.packed(body, request), idempotency.TTL_S, msgpack.packb(request),
