@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -457,7 +458,7 @@ class ConsumerActor:
         return await asyncio.shield(self._task)
 
     async def stats(self) -> dict[str, Any]:
-        return self.consumer.stats()
+        return {**self.consumer.stats(), "pid": os.getpid()}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 
 import msgpack
+import psutil
 import pytest
 import ray
 
@@ -289,11 +290,12 @@ async def test_killing_the_job_mid_batch_loses_and_duplicates_nothing(redis):
             break
         assert time.monotonic() < deadline, "the first consumers did not get going"
         await asyncio.sleep(0.02)
+    pids = [s["pid"] for s in await asyncio.gather(*(a.stats.remote() for a in first))]
     for a in first:
         ray.kill(a, no_restart=True)
     del runs
-    for a in first:  # ray.kill returns at once: a dying consumer may still acknowledge a batch
-        await gone(a)
+    for a, pid in zip(first, pids):  # ray.kill returns at once: a dying consumer may still
+        await gone(a, pid)           # acknowledge a batch, until its process has exited
     pending_at_kill = 0
     for p in parts:
         pending_at_kill += (await redis.xpending(keys.purchase_stream(p),
@@ -329,16 +331,31 @@ async def test_killing_the_job_mid_batch_loses_and_duplicates_nothing(redis):
         assert len(await ledger.user_tickets(redis, q["user_id"])) == q["quantity"]
 
 
-async def gone(actor, timeout: float = 30) -> None:
-    """Wait until a killed actor's process is really gone (its calls fail)."""
+async def gone(actor, pid: int, timeout: float = 30) -> None:
+    """Wait until a killed actor's process is really gone, not only its calls failing.
+
+    Ray fails the calls of a killed actor as soon as it is marked dead, which can be before
+    its process exits: until then the process may still send Redis an XACK.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             await actor.stats.remote()
         except ray.exceptions.RayActorError:
-            return
+            break
         assert time.monotonic() < deadline, "the killed consumer still answers"
         await asyncio.sleep(0.05)
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the killed consumer's process is still running"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # what it wrote before it died reaches Redis's loop
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # (d) poison goes to the dead-letter stream; the partition goes on -------------------------
