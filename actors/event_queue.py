@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from actors import store
+from actors.feed import Change, ChangeFeed
 from actors.line import EntryView, LineConfig, WaitingLine
 from eventpulse import ledger, metrics
 from eventpulse.errors import Busy, DecodeError, EventPulseError
@@ -77,6 +78,7 @@ class EventQueue:
         self._waiters: list[asyncio.Future] = []
         self._next_number = 0  # number of the next fact to be journaled
         self._records: deque[tuple[int, int]] = deque()  # journal records in Redis
+        self.feed = ChangeFeed(0)  # what changed, for replicas mirroring entries
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()
         self._flush_wake = asyncio.Event()
@@ -111,6 +113,8 @@ class EventQueue:
             raise DecodeError(f"event {self.event_id}: {e.message}") from e
         self._next_number = loaded.next_number
         self._records = deque(loaded.records)
+        line.moves.clear()  # the replay's: the feed starts after it
+        self.feed = ChangeFeed(loaded.next_number)
         self.line = line
         if ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed:
             metrics.get("actor_restarts").inc(tags={"event_id": self.event_id})
@@ -121,6 +125,9 @@ class EventQueue:
     # durability ----------------------------------------------------------------------
     async def _commit(self, facts: list[dict[str, Any]]) -> None:
         """Queue facts (already applied in memory) and wait until they are in Redis."""
+        assert self.line is not None
+        self.feed.record(facts, self.line.moves)
+        self.line.moves.clear()
         if not facts:
             return
         fut = asyncio.get_running_loop().create_future()
@@ -285,6 +292,31 @@ class EventQueue:
             for u in users:
                 line.touch(u, now)
         return [view_dict(v) for v in line.view_many(users, now)]
+
+    async def read_many(self, users: list[str]
+                        ) -> list[tuple[str, int, dict[str, Any] | None, int, int]]:
+        """`view_many` for a replica that keeps what it read (`serve.mirror`): per user the
+        feed and fact count the view is exact at, the view, and the entry's (lane, slot)."""
+        line = await self._ready()
+        now = time.time()
+        feed, count = self.feed.id, self.feed.count
+        out: list[tuple[str, int, dict[str, Any] | None, int, int]] = []
+        for user, view in zip(users, line.view_many(users, now)):
+            line.touch(user, now)
+            lane, slot = line.place(user) or (0, -1)
+            out.append((feed, count, view_dict(view), lane, slot))
+        return out
+
+    async def changes(self, seen: int, touched: list[str]
+                      ) -> tuple[str, int, float | None, list[Change] | None]:
+        """For a mirroring replica: the feed, the fact count now, the outflow the ETA divides
+        by, and the changes since count `seen` (None: start anew). `touched` were read
+        meanwhile (reading counts as being seen)."""
+        line = await self._ready()
+        now = time.time()
+        for user in touched:
+            line.touch(user, now)
+        return self.feed.id, self.feed.count, line.outflow(now), self.feed.after(seen)
 
     async def watch_many(self, users: list[str]) -> tuple[int, list[dict[str, Any] | None]]:
         """For the SSE hub: the line's version and the watchers' entries, marking them seen."""

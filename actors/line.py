@@ -157,6 +157,9 @@ class WaitingLine:
         self._seed: int | None = None
         self._closed = False
         self.version = 0
+        # (lane, slot, ±1) for each entry that started or stopped waiting in a lane: what
+        # moved other entries' positions. The actor drains it into its change feed.
+        self.moves: list[tuple[int, int, int]] = []
         self._n = dict.fromkeys(("joins", "offers", "expired", "abandoned", "left", "released",
                                  "sold_out", "purchased", "cancelled"), 0)
         self._handlers: dict[str, Callable[[Fact], None]] = {
@@ -202,6 +205,7 @@ class WaitingLine:
             else:
                 self._gone[lane].mark(slot)
                 self._lane_waiting[lane] -= 1
+                self.moves.append((lane, slot, -1))
         elif old in (OFFERED, PURCHASING):
             self._held[self._tt[eid]] -= self._oq[eid]
             self._live_offers -= 1
@@ -241,6 +245,7 @@ class WaitingLine:
             order.append(eid)
             self._gone[lane].ensure(len(order))
             self._lane_waiting[lane] += 1
+            self.moves.append((lane, len(order) - 1, 1))
         else:
             self._seq.append(-1)
             self._pre.append(eid)
@@ -663,6 +668,16 @@ class WaitingLine:
         if end > gone.prefix:
             end = gone.prefix + bisect_left(gone.scattered, end)
         return ahead + slot + 1 - end
+
+    def place(self, user: str) -> tuple[int, int] | None:
+        """The (lane, slot) of the user's latest entry: entries earlier in that order are ahead
+        of it while both wait (slot -1: in the pre-queue, no place yet)."""
+        eid = self._index.get(user)
+        return None if eid is None else (self._lane[eid], self._seq[eid])
+
+    def outflow(self, now: float) -> float | None:
+        """Offers granted per second lately (what the ETA divides by)."""
+        return self._outflow(now)
 
     def view(self, user: str, now: float) -> EntryView | None:
         eid = self._index.get(user)

@@ -84,7 +84,12 @@ async def load(r: RedisClient, event_id: str) -> Loaded:
 
 
 async def append(r: RedisClient, event_id: str, first: int, facts: list[dict[str, Any]]) -> None:
-    await r.rpush(keys.journal(event_id), encode_record(first, facts))
+    """Journal facts `first`… and, in the same transaction, how many facts are durable now
+    (a replica answering from its mirror of the line checks it has seen that many)."""
+    pipe = r.pipeline(transaction=True)
+    pipe.rpush(keys.journal(event_id), encode_record(first, facts))
+    pipe.set(keys.line_durable(event_id), first + len(facts))
+    await pipe.execute()
 
 
 async def write_snapshot(r: RedisClient, event_id: str, covered: int, line_state: dict[str, Any],

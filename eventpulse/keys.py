@@ -66,6 +66,11 @@ def journal(event_id: str) -> str:
     return f"{_ev(event_id)}:journal"
 
 
+def line_durable(event_id: str) -> str:
+    """String: how many of the line's facts are journaled (written with each journal record)."""
+    return f"{_ev(event_id)}:durable"
+
+
 def snapshot(event_id: str) -> str:
     """String: the msgpack snapshot of the event's waiting line."""
     return f"{_ev(event_id)}:snapshot"

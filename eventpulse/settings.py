@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     availability_cache_ttl_s: float = Field(
         0.5, description="L1 TTL of availability: it changes with every offer."
     )
+    line_mirror: bool = Field(
+        True, description="Replicas answer reads of line entries they read before from a "
+        "mirror that follows the line's changes (serve/mirror.py), while it is complete; "
+        "false sends every read to the event's actor.")
     actor_batch_window_ms: float = Field(
         2.0, description="Replicas coalesce actor calls for one event within this window."
     )

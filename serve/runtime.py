@@ -24,6 +24,7 @@ from eventpulse.settings import Settings, get_settings
 from serve import ratelimit
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
+from serve.mirror import IDLE_S, MISS, POLL_S, LineMirror
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Runtime:
         self.key_reads = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=self._mget)
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
+        self.mirrors: dict[str, LineMirror] = {}  # per event, while its entries are read
+        self.mirror_reads = {"mirror": 0, "actor": 0}
         self._listener: asyncio.Task | None = None
         self.started = time.time()
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # whose counters `stats` are
@@ -128,7 +131,43 @@ class Runtime:
 
     # the line ------------------------------------------------------------------------
     async def entry(self, event_id: str, user_id: str) -> dict[str, Any] | None:
-        return await self.coalescer.call(event_id, "view_many", user_id)
+        """The user's entry in the event's line (None: not in it); reading counts as being seen.
+
+        From this replica's mirror of the line while it holds the entry and has seen every
+        journaled fact (`serve.mirror`), else from the event's actor."""
+        if not self.settings.line_mirror:
+            return await self.coalescer.call(event_id, "view_many", user_id)
+        mirror = self.mirrors.get(event_id)
+        if mirror is None:
+            mirror = self.mirrors[event_id] = LineMirror()
+            asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
+        mirror.read_at = time.monotonic()
+        if mirror.fresh():
+            durable = await self.read_key(keys.line_durable(event_id))
+            view = mirror.read(user_id, int(durable or 0))
+            if view is not MISS:
+                mirror.touched.add(user_id)
+                self.mirror_reads["mirror"] += 1
+                return view
+        self.mirror_reads["actor"] += 1
+        feed, count, view, lane, slot = await self.coalescer.call(event_id, "read_many", user_id)
+        mirror.keep(user_id, feed, count, view, lane, slot)
+        return view
+
+    async def _follow(self, event_id: str, mirror: LineMirror) -> None:
+        """Keep the event's mirror up to date while its entries are read here."""
+        try:
+            while mirror.touched or time.monotonic() - mirror.read_at < IDLE_S:
+                touched, mirror.touched = list(mirror.touched), set()
+                try:
+                    mirror.update(*await direct(event_id, "changes", mirror.count, touched))
+                except Exception as e:  # noqa: BLE001 — reads go to the actor meanwhile
+                    log.debug("event %s: following the line failed: %s", event_id, e)
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(POLL_S)
+        finally:
+            if self.mirrors.get(event_id) is mirror:
+                del self.mirrors[event_id]
 
     # purchases -----------------------------------------------------------------------
     def expect_purchase(self, purchase_id: str) -> asyncio.Future:
@@ -190,6 +229,7 @@ class Runtime:
             "sse_open": self.sse_open,
             "redis_pool": stats,
             "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},
+            "entry_reads": dict(self.mirror_reads),
             "cache": {c.kind: c.stats() for c in (self.events, self.availability, self.tickets)},
             "gc": {"thresholds": gc.get_threshold(),
                    "collections": [g["collections"] for g in gc.get_stats()]},

@@ -46,6 +46,33 @@ async def test_leaving_moves_everyone_behind_up(http, auth_headers, make_event):
     assert (await me(http, auth_headers, event["id"], c))[1]["position"] == 2
 
 
+async def test_position_reads_see_every_acknowledged_write(http, auth_headers, make_event):
+    """Replicas answer reads of entries they read before from their mirror of the line
+    (`serve.mirror`); a read after any acknowledged write, on whichever replica, sees it."""
+    event = await make_event(total_tickets=1)
+    holder, *waiting = (unique() for _ in range(9))
+    for u in (holder, *waiting):
+        await join(http, auth_headers, event["id"], u)
+    for _ in range(3):  # every replica reads (and keeps) the entries; its follower catches up
+        for u in waiting:
+            await me(http, auth_headers, event["id"], u)
+        await asyncio.sleep(0.3)
+    for i, leaver in enumerate(waiting[:-1]):
+        async with http.delete(f"/api/events/{event['id']}/queue/me",
+                               headers=auth_headers(leaver)) as r:
+            assert r.status == 200
+        for pos, u in enumerate(waiting[i + 1:], start=1):
+            status, view = await me(http, auth_headers, event["id"], u)
+            assert (status, view["status"], view["position"]) == (200, "waiting", pos)
+        await asyncio.sleep(0.1 * (i % 3))  # sometimes right after the write, sometimes later
+    seen: dict[str, dict] = {}
+    for _ in range(12):
+        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
+            stats = await r.json()
+        seen[stats["replica"]] = stats["entry_reads"]
+    assert sum(reads["mirror"] for reads in seen.values()) > 0, seen
+
+
 async def test_released_offer_passes_to_the_next_at_once(http, auth_headers, make_event):
     event = await make_event(total_tickets=2, max_per_user=2)
     a, b = unique(), unique()

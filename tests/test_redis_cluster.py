@@ -74,7 +74,7 @@ async def test_every_key_of_one_event_or_user_shares_a_slot(rc):
     eid, uid = unique("ev"), unique("u")
     event_keys = [keys.event(eid), keys.sold(eid), keys.capacity(eid), keys.event_tickets(eid),
                   keys.idempotency(eid, "k"), keys.purchase(eid, "p"), keys.journal(eid),
-                  keys.snapshot(eid)]
+                  keys.snapshot(eid), keys.line_durable(eid)]
     user_keys = [keys.user_tickets(uid), keys.user_tickets_version(uid),
                  keys.user_tickets_cache(uid, 3, "all"), keys.rate(uid, "join", 7)]
     for group in (event_keys, user_keys):
