@@ -21,6 +21,7 @@ the last `FRESH_S`. Otherwise the read goes to the actor, as before.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from typing import Any
@@ -28,10 +29,11 @@ from typing import Any
 POLL_S = 0.05   # the follower asks the actor what changed this often
 FRESH_S = 0.5   # answer from the mirror only while the actor answered this recently
 IDLE_S = 15.0   # stop following an event nobody read for this long
-MAX_SCAN = 512  # more changes than this since an entry was kept: read it from the actor
-KEEP = 8192     # changes kept; entries older than the oldest are read again
+MAX_SCAN = 2048  # more moves than this since a waiting entry was kept: read it from the actor
+KEEP = 16384    # moves kept; waiting entries kept before the oldest are read again
 
-MISS = object()
+MISS = object()    # only the actor can say
+BEHIND = object()  # the entry is kept, but a fact journaled since has not reached the mirror
 
 
 class LineMirror:
@@ -44,30 +46,59 @@ class LineMirror:
         self.answered = 0.0      # monotonic time of the actor's last answer to the follower
         self.read_at = time.monotonic()
         self.touched: set[str] = set()  # read here since the follower last told the actor
-        self._from = 0           # the log holds every change after this count
-        self._tags: list[int] = []
-        self._log: list[tuple[int, str | None, int, int, int]] = []
+        self.waiting: list[asyncio.Future] = []  # readers waiting for the follower's next answer
+        self._anew = 0           # the mirror knows every change after this count
+        self._from = 0           # the moves kept are every move after this count
+        self._changed: dict[str, int] = {}  # user -> count after their entry's last change
+        self._tags: list[int] = []  # of the moves, in order
+        self._moves: list[tuple[int, int, int]] = []  # (lane, slot, ±1): entered or left waiting
         # user -> [count the view is exact at, view, lane, slot]
         self._kept: dict[str, list[Any]] = {}
 
     def fresh(self) -> bool:
         return time.monotonic() - self.answered < FRESH_S
 
+    async def next_answer(self) -> bool:
+        """Wait for the answer to a follower's call made after now; False if it failed.
+
+        During a burst of joins the journal runs a little ahead of the mirror; the readers
+        wait for the follower (at most `POLL_S` plus a call) instead of each going to the
+        actor, which under load is the busiest process of all."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append(fut)
+        try:
+            return await asyncio.wait_for(fut, FRESH_S)
+        except TimeoutError:
+            return False
+
+    @staticmethod
+    def wake(waiting: list[asyncio.Future], ok: bool) -> None:
+        """Tell readers waiting for a follower's call how it went."""
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(ok)
+
     def update(self, feed: str, count: int, rate: float | None, changes: list | None) -> None:
         """What the actor answered the follower (`EventQueue.changes`)."""
         if changes is None or feed != self.feed:  # the actor cannot say what changed: start anew
             self.feed = feed
             self._kept.clear()
+            self._changed.clear()
             self._tags.clear()
-            self._log.clear()
-            self._from = count
+            self._moves.clear()
+            self._anew = self._from = count
         elif changes:
-            self._log.extend(tuple(c) for c in changes)
-            self._tags.extend(c[0] for c in changes)
-            if len(self._log) > KEEP:
-                cut = len(self._log) - KEEP // 2
-                self._from = self._tags[cut - 1]
-                del self._log[:cut], self._tags[:cut]
+            changed, tags, moves = self._changed, self._tags, self._moves
+            for tag, user, lane, slot, delta in changes:
+                if user is not None:
+                    changed[user] = tag
+                else:
+                    tags.append(tag)
+                    moves.append((lane, slot, delta))
+            if len(moves) > KEEP:
+                cut = len(moves) - KEEP // 2
+                self._from = tags[cut - 1]
+                del moves[:cut], tags[:cut]
         self.count = count
         self.rate = rate
         self.answered = time.monotonic()
@@ -75,35 +106,39 @@ class LineMirror:
     def keep(self, user: str, feed: str, count: int, view: dict[str, Any] | None, lane: int,
              slot: int) -> None:
         """An entry as the actor read it, exact at fact count `count` of `feed`."""
-        if feed == self.feed and count >= self._from:
+        if feed == self.feed and count >= self._anew:
             self._kept[user] = [count, view, lane, slot]
 
     def read(self, user: str, durable: int) -> Any:
-        """The user's entry now, or MISS when only the actor can say."""
+        """The user's entry now; MISS when only the actor can say, BEHIND when the follower's
+        next answer can."""
         kept = self._kept.get(user)
         if kept is None:
             return MISS
         count, view, lane, slot = kept
-        if count < self._from or max(count, self.count) < durable:
-            return MISS  # a fact journaled since has not reached this mirror yet
-        start = bisect.bisect_right(self._tags, count)
-        if len(self._log) - start > MAX_SCAN:
+        if self._changed.get(user, -1) > count:  # joined again, left, offered, bought…
+            del self._kept[user]
             return MISS
-        position = None if view is None else view["position"]
-        log = self._log
-        for i in range(start, len(log)):
-            _, who, ln, sl, delta = log[i]
-            if who == user:
-                del self._kept[user]
-                return MISS
-            if delta and position is not None and (ln < lane or (ln == lane and sl < slot)):
-                position += delta
+        if max(count, self.count) < durable:
+            return BEHIND
         if view is None:
             return None
+        position = view["position"]
+        if position is None:  # not waiting: only the entry's own changes change it
+            return view
+        if count < self._from:
+            return MISS
+        start = bisect.bisect_right(self._tags, count)
+        moves = self._moves
+        if len(moves) - start > MAX_SCAN:
+            return MISS
+        for i in range(start, len(moves)):
+            ln, sl, delta = moves[i]
+            if ln < lane or (ln == lane and sl < slot):
+                position += delta
         if position != view["position"]:
             view = {**view, "position": position}
         if count < self.count:  # what was applied need not be applied again
             kept[0], kept[1] = self.count, view
         rate = self.rate
-        eta = position / rate if position is not None and rate else None
-        return {**view, "eta_seconds": eta}
+        return {**view, "eta_seconds": position / rate if rate else None}

@@ -24,7 +24,7 @@ from eventpulse.settings import Settings, get_settings
 from serve import ratelimit
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
-from serve.mirror import IDLE_S, MISS, POLL_S, LineMirror
+from serve.mirror import BEHIND, IDLE_S, MISS, POLL_S, LineMirror
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,11 @@ class Runtime:
             asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
         mirror.read_at = time.monotonic()
         if mirror.fresh():
-            durable = await self.read_key(keys.line_durable(event_id))
-            view = mirror.read(user_id, int(durable or 0))
-            if view is not MISS:
+            durable = int(await self.read_key(keys.line_durable(event_id)) or 0)
+            view = mirror.read(user_id, durable)
+            if view is BEHIND and await mirror.next_answer():
+                view = mirror.read(user_id, durable)
+            if view is not MISS and view is not BEHIND:
                 mirror.touched.add(user_id)
                 self.mirror_reads["mirror"] += 1
                 return view
@@ -159,13 +161,19 @@ class Runtime:
         try:
             while mirror.touched or time.monotonic() - mirror.read_at < IDLE_S:
                 touched, mirror.touched = list(mirror.touched), set()
+                waiting, mirror.waiting = mirror.waiting, []  # this call is after their reads
                 try:
                     mirror.update(*await direct(event_id, "changes", mirror.count, touched))
+                    ok = True
                 except Exception as e:  # noqa: BLE001 — reads go to the actor meanwhile
                     log.debug("event %s: following the line failed: %s", event_id, e)
+                    ok = False
+                LineMirror.wake(waiting, ok)
+                if not ok:
                     await asyncio.sleep(0.5)
                 await asyncio.sleep(POLL_S)
         finally:
+            LineMirror.wake(mirror.waiting, False)
             if self.mirrors.get(event_id) is mirror:
                 del self.mirrors[event_id]
 
