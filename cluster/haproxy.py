@@ -101,6 +101,10 @@ _LANE = """    # Event-Pulse lane: per-user reads and joins to the replicas' aio
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse { query -m reg ^access_token=[^&]+$ }
 """
 
+# a public read the edge verified and did not have cached: the lane answers it too (about
+# ten times cheaper than Serve's request path), and the edge stores the answer
+_LANE_EDGE = "    use_backend ep_lane if ep_lane_up { var(txn.ep_edge) -m bool }\n"
+
 _LANE_BACKEND = """
 backend ep_lane
     # the replicas of this node share the port (SO_REUSEPORT): the kernel picks one
@@ -161,6 +165,8 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
                 out.append(_EDGE)
             if lane_port:
                 out.append(_LANE)
+                if edge:
+                    out.append(_LANE_EDGE)
             inserted = True
         if edge and section == f"backend {backend}" and not restore_done and re.match(
                 r"\s*server\s", line):
@@ -172,7 +178,7 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
         text = text.rstrip("\n") + "\n" + _CACHE
     if lane_port and inserted:
         text = text.rstrip("\n") + "\n" + _LANE_BACKEND.format(
-            port=lane_port, vouch=_VOUCH if edge else "")
+            port=lane_port, vouch=_RESTORE + _VOUCH if edge else "")
     return text
 
 

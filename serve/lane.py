@@ -45,7 +45,8 @@ from serve.runtime import get_runtime
 from serve.schemas import JoinIn
 
 ROUTES = frozenset({fastpath.POSITION, fastpath.QUEUE_ME, fastpath.TICKETS, fastpath.JOIN,
-                    fastpath.STREAM, fastpath.HEALTH})
+                    fastpath.STREAM, fastpath.HEALTH,
+                    fastpath.EVENT, fastpath.AVAILABILITY})  # the edge cache's misses
 _HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type",
             VOUCHED_SIGNATURE.decode(), VOUCHED_PROOF.decode())
 

@@ -26,8 +26,9 @@ import bisect
 import time
 from typing import Any
 
-POLL_S = 0.05   # the follower asks the actor what changed this often
-FRESH_S = 0.5   # answer from the mirror only while the actor answered this recently
+POLL_S = 0.05   # the follower asks the actor at most this often, when a reader waits
+QUIET_S = 0.25  # and this often when none does (each call costs the actor ~1 ms here)
+FRESH_S = 0.75  # answer from the mirror only while the actor answered this recently
 IDLE_S = 15.0   # stop following an event nobody read for this long
 MAX_SCAN = 2048  # more moves than this since a waiting entry was kept: read it from the actor
 KEEP = 16384    # moves kept; waiting entries kept before the oldest are read again
@@ -47,6 +48,7 @@ class LineMirror:
         self.read_at = time.monotonic()
         self.touched: set[str] = set()  # read here since the follower last told the actor
         self.waiting: list[asyncio.Future] = []  # readers waiting for the follower's next answer
+        self.wanted = asyncio.Event()  # a reader waits: the follower asks as soon as it may
         self._anew = 0           # the mirror knows every change after this count
         self._from = 0           # the moves kept are every move after this count
         self._changed: dict[str, int] = {}  # user -> count after their entry's last change
@@ -66,6 +68,7 @@ class LineMirror:
         actor, which under load is the busiest process of all."""
         fut = asyncio.get_running_loop().create_future()
         self.waiting.append(fut)
+        self.wanted.set()
         try:
             return await asyncio.wait_for(fut, FRESH_S)
         except TimeoutError:

@@ -8,6 +8,7 @@ invalidation) and purchase outcomes (to answer `?wait=` requests at once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -24,7 +25,7 @@ from eventpulse.settings import Settings, get_settings
 from serve import ratelimit
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
-from serve.mirror import BEHIND, IDLE_S, MISS, POLL_S, LineMirror
+from serve.mirror import BEHIND, IDLE_S, MISS, POLL_S, QUIET_S, LineMirror
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,11 @@ class Runtime:
                     log.debug("event %s: following the line failed: %s", event_id, e)
                     ok = False
                 LineMirror.wake(waiting, ok)
-                if not ok:
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(POLL_S)
+                await asyncio.sleep(POLL_S if ok else 0.5)
+                if not mirror.waiting:  # nobody waits: ask again when one does, or in a while
+                    mirror.wanted.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(mirror.wanted.wait(), QUIET_S - POLL_S)
         finally:
             LineMirror.wake(mirror.waiting, False)
             if self.mirrors.get(event_id) is mirror:

@@ -85,7 +85,11 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
         assert lines[restore + 1].strip().startswith("server ")
     # the lane's routes are chosen before Serve's catch-all, and only with a lane port
     uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
-    assert uses == (["ep_lane"] * 6 if lane else []) + ["http-eventpulse"]
+    assert uses == (["ep_lane"] * 7 if lane else []) + ["http-eventpulse"]
+    if lane:  # the edge's cache misses go to the lane, with the token it set aside
+        lane_at = lines.index("backend ep_lane")
+        restored = next(i for i, x in enumerate(lines) if i > lane_at and "set-header authorization" in x)
+        assert restored < next(i for i, x in enumerate(lines) if "set-header x-ep-verified" in x)
     assert (f"server lane 127.0.0.1:{lane} check" in edited) is bool(lane)
     # no client can claim HAProxy verified its token: the headers go before any routing;
     # HAProxy sets them only on the lane's requests, and only with the secret

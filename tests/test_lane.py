@@ -54,6 +54,13 @@ async def test_haproxy_sends_the_lanes_routes_to_the_lane(http, auth_headers, ma
         async with http.get(f"/api/users/{u}/tickets?{query}", headers=auth_headers(u)) as r:
             assert r.status == (422 if "password" in query else 200), query
     assert await _lane_sessions(app_env) - before == 4
+    # a public read the edge verified but has not cached (a new event's) goes to the lane
+    before = await _lane_sessions(app_env)
+    for path in (f"/api/events/{event['id']}", f"/api/events/{event['id']}/availability"):
+        async with http.get(path, headers=auth_headers(u)) as r:
+            assert r.status == 200 and (await r.json())["total_tickets" if "avail" not in path
+                                                         else "total"] == 5
+    assert await _lane_sessions(app_env) - before == 2
     # anything else still goes through Serve: not counted on the lane
     before = await _lane_sessions(app_env)
     async with http.get(f"/api/users/{u}/tickets?fields=id&x=1", headers=auth_headers(u)) as r:
@@ -85,6 +92,11 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
              None),
             ("GET", f"/api/users/{me}/tickets?fields=password", auth_headers(me), None),  # 422
             ("GET", "/api/events/nope/queue/me", auth_headers(me), None),              # 404
+            # the edge cache's misses
+            ("GET", f"/api/events/{event['id']}", auth_headers(me), None),
+            ("GET", f"/api/events/{event['id']}", {}, None),                           # 401
+            ("GET", f"/api/events/{event['id']}/availability", auth_headers(me), None),
+            ("GET", "/api/events/nope/availability", auth_headers(me), None),          # 404
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(me), {"quantity": 1}),
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"quantity": 0}),
             ("POST", f"/api/events/{event['id']}/queue", auth_headers(other), {"seats": 2}),
@@ -111,7 +123,7 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
                                headers={**auth_headers(other), "Content-Type": "application/json"}
                                ) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "malformed_json"
-        async with direct.get(f"/api/events/{event['id']}", headers=auth_headers(me)) as r:
+        async with direct.get("/api/events", headers=auth_headers(me)) as r:
             assert r.status == 404  # not a lane route: HAProxy never sends it here
 
 
