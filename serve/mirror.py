@@ -112,6 +112,11 @@ class LineMirror:
         if feed == self.feed and count >= self._anew:
             self._kept[user] = [count, view, lane, slot]
 
+    def holds(self, user: str) -> bool:
+        """Whether the user's entry is kept and no change of its own has been seen since."""
+        kept = self._kept.get(user)
+        return kept is not None and self._changed.get(user, -1) <= kept[0]
+
     def read(self, user: str, durable: int) -> Any:
         """The user's entry now; MISS when only the actor can say, BEHIND when the follower's
         next answer can."""

@@ -131,19 +131,20 @@ class Runtime:
         await self.redis.publish(keys.EVENT_CHANNEL, event_id)
 
     # the line ------------------------------------------------------------------------
-    async def entry(self, event_id: str, user_id: str) -> dict[str, Any] | None:
+    async def entry(self, event_id: str, user_id: str, mirrored: bool = True
+                    ) -> dict[str, Any] | None:
         """The user's entry in the event's line (None: not in it); reading counts as being seen.
 
         From this replica's mirror of the line while it holds the entry and has seen every
-        journaled fact (`serve.mirror`), else from the event's actor."""
-        if not self.settings.line_mirror:
+        journaled fact (`serve.mirror`), else (or not `mirrored`) from the event's actor."""
+        if not (mirrored and self.settings.line_mirror):
             return await self.coalescer.call(event_id, "view_many", user_id)
         mirror = self.mirrors.get(event_id)
         if mirror is None:
             mirror = self.mirrors[event_id] = LineMirror()
             asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
         mirror.read_at = time.monotonic()
-        if mirror.fresh():
+        if mirror.fresh() and mirror.holds(user_id):
             durable = int(await self.read_key(keys.line_durable(event_id)) or 0)
             view = mirror.read(user_id, durable)
             if view is BEHIND and await mirror.next_answer():

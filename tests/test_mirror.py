@@ -120,9 +120,10 @@ def test_a_mirror_behind_the_journal_defers_to_the_actor() -> None:
     assert mirror.read("c", actor.feed.count) is BEHIND
     mirror.update(*actor.changes(mirror.count, T))
     assert mirror.read("c", actor.feed.count)["position"] == 1
+    assert mirror.holds("c")
     actor.commit(line.release("a", T) + line.tick(T))  # c's own entry changes: read again
     mirror.update(*actor.changes(mirror.count, T))
-    assert mirror.read("c", actor.feed.count) is MISS
+    assert not mirror.holds("c") and mirror.read("c", actor.feed.count) is MISS
     mirror.keep("c", *actor.read("c", T))
     assert mirror.read("c", actor.feed.count)["status"] == "offered"
 

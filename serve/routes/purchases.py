@@ -89,7 +89,7 @@ async def purchase(event_id: str, body: PurchaseIn, p: User,
     at = time.perf_counter()
     event = await rt.event(event_id)
     idem_key = keys.idempotency(event_id, f"{p.user_id}:{idempotency_key}")
-    view = await rt.entry(event_id, p.user_id)
+    view = await rt.entry(event_id, p.user_id, mirrored=False)  # a buyer's offer just changed
     at = _stage("offer", at)
     fut = None  # resolved by the job's published outcome (`?wait=`)
     if view is None or view["status"] != "offered" or view["offer"] is None:
