@@ -81,10 +81,20 @@ class State:
         return cls(**json.loads(p.read_text())) if p.exists() else None
 
 
+# Ports Ray takes by default on every node (dashboard agent's HTTP and gRPC, runtime-env
+# agent, metrics, client server, dashboard, GCS): a free port handed to another component
+# must not be one of them (a run once drew 52365 for the metrics export and Ray refused).
+RAY_DEFAULT_PORTS = frozenset({52365, 52366, 52367, 44217, 10001, 8265, 6379})
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1, and not one Ray takes by default."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

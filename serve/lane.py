@@ -14,6 +14,7 @@ answers its health check (`cluster/haproxy.py`):
     GET  /api/queue/position?eventId=&userId=   GET  /api/events/{id}/queue/me
     GET  /api/users/{uid}/tickets               POST /api/events/{id}/queue (JSON)
     GET  /api/events/{id}/queue/me/stream (Server-Sent Events, pushed by the hub)
+    GET  /api/events/{id}  /api/events/{id}/availability (the edge cache's misses)
 
 The lane runs in the replica's own event loop and calls the very functions the fast path
 (`serve/fastpath.py`) and FastAPI's routes call: same caches, coalesced actor calls,

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from cluster.launcher import free_port as free
+
+    return free()
 
 
 class RedisServer:
