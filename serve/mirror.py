@@ -3,8 +3,9 @@
 Under `ramp` an event's actor spent ~95 % of its time in Ray's per-call machinery and a
 position read waited for a call behind the others. A replica now keeps each entry it read
 with the fact count the view is exact at, and the entry's place (lane, slot). A follower
-asks the actor every `POLL_S` what changed since the count it has seen (`actors.feed`);
-one small call replaces hundreds of reads. A kept entry is then answered here:
+asks the actor what changed since the count it has seen (`actors.feed`), every `QUIET_S`,
+or at most every `POLL_S` while a reader waits for it; one small call replaces hundreds of
+reads. A kept entry is then answered here:
 
 - a change of the entry's own user (joined again, left, offered, bought, expired…) drops
   it: the next read goes to the actor;
@@ -16,7 +17,8 @@ Only while the mirror is complete: the line's journal writes how many facts are 
 (`keys.line_durable`) with every record, and a read answers from the mirror only when it
 has seen at least that many (a write acknowledged to anyone, on any replica, is journaled
 first, so a reader sees its own writes), and only while the actor answered the follower in
-the last `FRESH_S`. Otherwise the read goes to the actor, as before.
+the last `FRESH_S`. A reader whose entry is kept but who is behind the journal waits for
+the follower's next answer; any other read goes to the actor, as before.
 """
 
 from __future__ import annotations
