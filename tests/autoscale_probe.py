@@ -37,10 +37,14 @@ async def load(url: str, token: str, event_id: str, seconds: float, connections:
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {token}"}
 
+    # A query string keeps these reads off HAProxy's edge cache and the replicas' lane,
+    # which Serve's autoscaling does not see (it counts the requests on Serve's own path).
+    path = f"{url}/api/events/{event_id}/availability?via=serve"
+
     async def worker(session):
         nonlocal done
         while time.monotonic() < deadline:
-            async with session.get(f"{url}/api/events/{event_id}/availability", headers=headers) as r:
+            async with session.get(path, headers=headers) as r:
                 await r.read()
                 done += 1
 
