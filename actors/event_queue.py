@@ -123,10 +123,15 @@ class EventQueue:
         log.info("event %s: line loaded (%d facts replayed)", self.event_id, len(loaded.tail))
 
     # durability ----------------------------------------------------------------------
+    @property
+    def _applied(self) -> int:
+        """Facts applied to the line: journaled, or pending for the next journal write."""
+        return self._next_number + len(self._pending)
+
     async def _commit(self, facts: list[dict[str, Any]]) -> None:
         """Queue facts (already applied in memory) and wait until they are in Redis."""
         assert self.line is not None
-        self.feed.record(facts, self.line.moves)
+        self.feed.record(self._applied + len(facts), facts, self.line.moves)
         self.line.moves.clear()
         if not facts:
             return
@@ -185,7 +190,7 @@ class EventQueue:
         assert self.line is not None
         started = time.perf_counter()
         # Everything applied so far is in the snapshot, including facts still pending.
-        covered = self._next_number + len(self._pending)
+        covered = self._applied
         state = self.line.to_snapshot()
         trim = 0
         for first, count in self._records:
@@ -299,7 +304,7 @@ class EventQueue:
         feed and fact count the view is exact at, the view, and the entry's (lane, slot)."""
         line = await self._ready()
         now = time.time()
-        feed, count = self.feed.id, self.feed.count
+        feed, count = self.feed.id, self._applied
         out: list[tuple[str, int, dict[str, Any] | None, int, int]] = []
         for user, view in zip(users, line.view_many(users, now)):
             line.touch(user, now)
@@ -316,7 +321,8 @@ class EventQueue:
         now = time.time()
         for user in touched:
             line.touch(user, now)
-        return self.feed.id, self.feed.count, line.outflow(now), self.feed.after(seen)
+        count = self._applied
+        return self.feed.id, count, line.outflow(now), self.feed.after(seen, count)
 
     async def watch_many(self, users: list[str]) -> tuple[int, list[dict[str, Any] | None]]:
         """For the SSE hub: the line's version and the watchers' entries, marking them seen."""
@@ -377,7 +383,7 @@ class EventQueue:
         """Force a snapshot (operators, tests); returns the number of facts it covers."""
         await self._ready()
         await self._snapshot(get_client())
-        return self._next_number + len(self._pending)
+        return self._applied
 
     async def ping(self) -> bool:
         await self._ready()

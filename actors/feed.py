@@ -21,19 +21,21 @@ KEEP = 20_000  # changes kept for readers; one that fell further behind starts a
 
 
 class ChangeFeed:
+    """Counts are the owner's: facts applied, journaled or on their way to the journal."""
+
     def __init__(self, count: int, keep: int = KEEP) -> None:
         self.id = os.urandom(6).hex()  # a restarted actor's feed is another one
-        self.count = count  # facts applied: journaled, or on their way to the journal
         self.since = count  # the feed holds every change after this count
         self.keep = keep
         self._log: deque[Change] = deque()
 
-    def record(self, facts: list[dict[str, Any]], moves: list[tuple[int, int, int]]) -> None:
-        """One command's facts, applied in this order, and the waiting moves they made."""
+    def record(self, count: int, facts: list[dict[str, Any]],
+               moves: list[tuple[int, int, int]]) -> None:
+        """One command's facts, applied in this order (`count` facts applied with them),
+        and the waiting moves they made."""
         if not facts:
             return
-        self.count += len(facts)
-        tag = self.count
+        tag = count
         if any("u" not in f for f in facts):
             # opening (the pre-queue drawn into lanes), closing, configuring: start anew
             self._log.clear()
@@ -45,10 +47,11 @@ class ChangeFeed:
         while len(log) > self.keep:
             self.since = log.popleft()[0]
 
-    def after(self, seen: int) -> list[Change] | None:
-        """The changes after count `seen`, oldest first; None when the feed cannot say (the
-        reader fell behind what is kept, or saw facts this line never applied)."""
-        if seen < self.since or seen > self.count:
+    def after(self, seen: int, count: int) -> list[Change] | None:
+        """The changes after count `seen`, oldest first, with `count` facts applied now; None
+        when the feed cannot say (the reader fell behind what is kept, or saw facts this
+        line never applied)."""
+        if seen < self.since or seen > count:
             return None
         out: list[Change] = []
         for change in reversed(self._log):
