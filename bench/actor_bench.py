@@ -11,16 +11,11 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.launcher import free_port as _free_port
 
 
 async def _event(r, total: int) -> str:

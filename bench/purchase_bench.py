@@ -32,11 +32,7 @@ from pathlib import Path
 
 import msgpack
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.launcher import free_port
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:

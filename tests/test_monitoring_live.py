@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cluster.launcher import free_port
 from cluster.monitoring import (
     DISCOVERY_FILE_NAME,
     alert_expressions,
@@ -88,11 +88,6 @@ def base_name(name: str) -> str:
 def metrics_of(expr: str) -> set[str]:
     return {base_name(n) for n in re.findall(r"\bray_[a-z0-9_]+", expr)}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def query(session: aiohttp.ClientSession, prom: str, expr: str) -> dict:
