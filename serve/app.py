@@ -13,6 +13,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from eventpulse.redis import ping, pool_stats
 from eventpulse.settings import get_settings
 from serve import errors, lane
+from serve.autoscaling import LANE_ONGOING
 from serve.responses import json
 from serve.routes import admin, events, pages, purchases, queue, tickets
 from serve.middleware import Guard
@@ -84,6 +85,11 @@ class Ingress:
         port = get_settings().lane_port
         # the hottest per-user routes, beside Serve's ingress (why: serve/lane.py)
         self._lane = await lane.start(port) if port else None
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The lane's requests for Serve's autoscaling, which counts only its own path
+        (`serve/autoscaling.py`)."""
+        return {LANE_ONGOING: get_runtime().lane_in_flight}
 
 
 app = Ingress.bind()

@@ -82,7 +82,9 @@ class Lane:
         status = 500
         started = time.perf_counter()
         rt.in_flight += 1
+        rt.lane_in_flight += 1
         rt.requests += 1
+        rt.lane_requests += 1
         try:
             try:
                 response = await self._answer(request, fast)
@@ -98,6 +100,7 @@ class Lane:
             return _aiohttp(response)
         finally:
             rt.in_flight -= 1
+            rt.lane_in_flight -= 1
             tags = (("route", route), ("method", method))
             metrics.aggregate.count("http_requests", tags + (("status", str(status)),))
             metrics.aggregate.observe("eventpulse_http_request_duration_seconds", tags,

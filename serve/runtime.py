@@ -69,6 +69,8 @@ class Runtime:
         self.replica = f"{socket.gethostname()}:{os.getpid()}"  # whose counters `stats` are
         self.requests = 0
         self.in_flight = 0
+        self.lane_requests = 0  # of `requests`, those the lane served: Serve does not count them
+        self.lane_in_flight = 0
         self.sse_open = 0
         metrics.aggregate.on_flush(self._pool_gauges)
 
@@ -238,6 +240,7 @@ class Runtime:
             "uptime_s": round(time.time() - self.started, 1),
             "requests": self.requests,
             "in_flight": self.in_flight,
+            "lane": {"requests": self.lane_requests, "in_flight": self.lane_in_flight},
             "sse_open": self.sse_open,
             "redis_pool": stats,
             "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},

@@ -1,5 +1,6 @@
 """Driver for the autoscaling test: a 2-node Ray cluster on this machine, the Serve app with
-short autoscaling delays, a load step, then quiet. Prints one JSON line of what it saw.
+short autoscaling delays and the autoscaling policy `configs/serve.yaml` ships, a load step on
+a route the replicas' lane serves, then quiet. Prints one JSON line of what it saw.
 
 Run by tests/test_autoscaling.py in a subprocess (the test session already has its own
 `ray.init()`); also usable by hand: `python -m tests.autoscale_probe`.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from cluster.launcher import free_port
 
@@ -25,22 +27,22 @@ def replica_count(serve) -> tuple[int, dict]:
     return status.replica_states.get("RUNNING", 0), dict(status.replica_states)
 
 
-async def load(url: str, token: str, event_id: str, seconds: float, connections: int) -> int:
+async def load(url: str, token: str, seconds: float, connections: int) -> int:
     import aiohttp
 
     done = 0
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {token}"}
-
-    # A query string keeps these reads off HAProxy's edge cache and the replicas' lane,
-    # which Serve's autoscaling does not see (it counts the requests on Serve's own path).
-    path = f"{url}/api/events/{event_id}/availability?via=serve"
+    # the user's tickets: a route HAProxy sends to the replicas' lane, whose requests Serve
+    # does not count (`serve/autoscaling.py`)
+    path = f"{url}/api/users/org/tickets"
 
     async def worker(session):
         nonlocal done
         while time.monotonic() < deadline:
             async with session.get(path, headers=headers) as r:
                 await r.read()
+                assert r.status == 200, (r.status, await r.text())
                 done += 1
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -48,7 +50,50 @@ async def load(url: str, token: str, event_id: str, seconds: float, connections:
     return done
 
 
+def lane_requests(url: str, token: str, replicas: int) -> int:
+    """Requests the replicas' lanes have served, summed over the replicas (asked through
+    Serve, which picks one per request, until all `replicas` have answered)."""
+    import httpx
+
+    seen: dict[str, int] = {}
+    for _ in range(200):
+        stats = httpx.get(f"{url}/api/admin/stats", timeout=10,
+                          headers={"Authorization": f"Bearer {token}"}).json()
+        seen[stats["replica"]] = stats["lane"]["requests"]
+        if len(seen) >= replicas:
+            break
+    assert len(seen) >= replicas, f"only {len(seen)} of {replicas} replicas answered"
+    return sum(seen.values())
+
+
+def wait_lane_up(url: str, token: str, seconds: float) -> None:
+    """Until HAProxy sends the lane's routes to the lane: it does once its health check
+    passes, and through Serve before that."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while lane_requests(url, token, 1) == 0:
+        assert time.monotonic() < deadline, "HAProxy never sent a request to the lane"
+        httpx.get(f"{url}/api/users/org/tickets", timeout=10,
+                  headers={"Authorization": f"Bearer {token}"})
+        time.sleep(0.25)
+
+
+def shipped_policy() -> dict:
+    """The autoscaling policy `configs/serve.yaml` deploys the Ingress with."""
+    import yaml
+
+    from cluster.launcher import SERVE_CONFIG
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    deployment = next(d for d in config["applications"][0]["deployments"]
+                      if d["name"] == "Ingress")
+    return deployment["autoscaling_config"]["policy"]
+
+
 def main() -> None:
+    # `--default-policy`: Serve's own policy instead of the shipped one, to see the difference
+    policy = {} if "--default-policy" in sys.argv else {"policy": shipped_policy()}
     tmp = tempfile.mkdtemp(prefix="ep-autoscale-")
     rport = free_port()
     redis = subprocess.Popen(["redis-server", "--port", str(rport), "--dir", tmp, "--save", ""],
@@ -62,8 +107,11 @@ def main() -> None:
                        "EVENTPULSE_LANE_PORT": str(free_port())})
     from pathlib import Path
 
-    from cluster.launcher import haproxy_env
+    from cluster.launcher import RAY_ENV, haproxy_env
 
+    # Serve's HAProxy ingress, as `eventpulse up` runs it (run by hand, too): the lane's
+    # routes reach the lane only through it
+    os.environ.update({k: v for k, v in RAY_ENV.items() if k.startswith("RAY_SERVE_")})
     os.environ.update(haproxy_env(Path(tmp)))  # never share HAProxy ports with another Ray
     from ray.cluster_utils import Cluster
 
@@ -87,7 +135,7 @@ def main() -> None:
             autoscaling_config={"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
                                 "target_ongoing_requests": 2, "upscale_delay_s": 1,
                                 "downscale_delay_s": 4, "metrics_interval_s": 0.5,
-                                "look_back_period_s": 2}).bind()
+                                "look_back_period_s": 2, **policy}).bind()
         serve.run(app, name="eventpulse", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         org = mint_token("org", ["organizer"], secret=secret)
@@ -100,19 +148,21 @@ def main() -> None:
                 break
             time.sleep(0.5)
         assert r.status_code == 201, (r.status_code, r.text)
-        event = r.json()
+        wait_lane_up(url, org, 60)  # with one replica: its count is the whole count
+        lane_before = lane_requests(url, org, 1)
         start = time.monotonic()
-        loop = asyncio.new_event_loop()
-        task = loop.run_in_executor(None, lambda: asyncio.run(
-            load(url, org, event["id"], 25, 48)))
+        pool = ThreadPoolExecutor(1)
+        task = pool.submit(lambda: asyncio.run(load(url, org, 25, 48)))
         up_at = None
-        while time.monotonic() - start < 30:
+        while not task.done() and time.monotonic() - start < 30:
             running, states = replica_count(serve)
             seen.append({"t": round(time.monotonic() - start, 1), "running": running, "phase": "load"})
             if running > 1 and up_at is None:
                 up_at = time.monotonic() - start
             time.sleep(1)
-        served = loop.run_until_complete(task)
+        served = task.result()
+        # at once: a replica that scales down takes its count with it
+        lane_served = lane_requests(url, org, replica_count(serve)[0]) - lane_before
         quiet_at = time.monotonic()
         down_at = None
         while time.monotonic() - quiet_at < 60:
@@ -127,7 +177,8 @@ def main() -> None:
                  if a.get("ClassName", "").startswith("ServeReplica") and a.get("State") == "ALIVE"}
         print(json.dumps({"max_running": max(s["running"] for s in seen),
                           "seconds_to_scale_up": up_at, "seconds_to_scale_down": down_at,
-                          "requests": served, "timeline": seen, "replica_nodes": len(nodes)}))
+                          "requests": served, "lane_requests": lane_served,
+                          "policy": policy.get("policy", "serve's default"), "timeline": seen, "replica_nodes": len(nodes)}))
     finally:
         try:
             serve.shutdown()

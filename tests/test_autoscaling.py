@@ -11,14 +11,31 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_replicas_rise_under_load_and_fall_after_it():
-    out = subprocess.run([sys.executable, "-m", "tests.autoscale_probe"], cwd=ROOT,
+def probe(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tests.autoscale_probe", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=420)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
-    seen = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_replicas_rise_under_lane_load_and_fall_after_it():
+    seen = probe()  # the policy configs/serve.yaml ships (serve/autoscaling.py)
+    # the load is the user's tickets, which HAProxy sends to the replicas' lane; while the
+    # replicas come up HAProxy reloads, and a few requests go through Serve meanwhile
+    assert seen["requests"] > 0 and seen["lane_requests"] >= 0.75 * seen["requests"], seen
     assert seen["max_running"] >= 2, seen
     assert seen["seconds_to_scale_up"] is not None and seen["seconds_to_scale_up"] < 30, seen
     assert seen["seconds_to_scale_down"] is not None, seen
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_serves_own_policy_does_not_see_the_lane():
+    """The control for the test above: the same load under Serve's default policy, which
+    counts only the requests on Serve's own path, leaves one replica to carry it."""
+    seen = probe("--default-policy")
+    assert seen["requests"] > 0 and seen["lane_requests"] >= 0.99 * seen["requests"], seen
+    assert seen["max_running"] == 1, seen
