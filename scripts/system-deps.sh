@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the system packages Event-Pulse needs (Debian/Ubuntu): redis-server for the
-# system of record, prometheus for monitoring, chromium for the waiting-room browser test.
+# system of record, prometheus for monitoring, chromium for the waiting-room browser test,
+# wrk for the joins benchmark (`python -m bench.joins`).
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium fonts-liberation)
+command -v wrk >/dev/null || need+=(wrk)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "missing: ${need[*]} — install them with your package manager" >&2; exit 1

@@ -53,3 +53,22 @@ def test_ramp_against_the_app_reports_its_steps(serve_url, test_secret, tmp_path
     steps = rep["result"]["steps"]
     assert steps and steps[0]["users"] == 2 and all(s["errors"] == 0 for s in steps)
     assert rep["result"]["stop_reason"]
+
+
+def test_joins_with_wrk_each_answer_a_new_users_join(serve_url, test_secret, capsys):
+    from bench.joins import main
+
+    assert main(["--url", serve_url, "--secret", test_secret, "--users", "20000",
+                 "--connections", "8", "--seconds", "1"]) == 0
+    run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert run["requests"] > 0 and run["not_2xx"] == 0 and run["joins_per_s"] > 0, run
+    import httpx
+
+    from eventpulse.auth import mint_token
+
+    admin = mint_token("bench-check", ["admin"], secret=test_secret)
+    line = httpx.get(f"{serve_url}/api/admin/events/{run['event_id']}/queue", timeout=10,
+                     headers={"Authorization": f"Bearer {admin}"}).json()
+    # the warm-up join, then one join by a user never seen before per answer (wrk may
+    # have sent a few more that it did not wait for)
+    assert line["joins_total"] >= run["requests"] + 1, (line, run)

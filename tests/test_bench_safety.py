@@ -39,3 +39,24 @@ def test_cli_refuses_before_doing_anything(capsys: pytest.CaptureFixture[str]) -
     from bench.compare import main as compare_main
     assert compare_main(["--url", "http://127.0.0.1:8000",
                          "--floor-url", "http://example.com/noop"]) == 2
+
+
+def test_joins_reads_wrks_report():
+    from bench.joins import wrk_rate
+
+    out = """Running 8s test @ http://127.0.0.1:8000/api/events/e/queue
+  1 threads and 64 connections
+  28584 requests in 8.01s, 10.77MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:   3566.99
+"""
+    assert wrk_rate(out) == (28584, 3566.99, 3)
+    assert wrk_rate(out.replace("  Non-2xx or 3xx responses: 3\n", "")) == (28584, 3566.99, 0)
+    with pytest.raises(ValueError):
+        wrk_rate("wrk: connection refused")
+
+
+def test_joins_refuses_a_target_off_this_machine(capsys):
+    from bench.joins import main
+
+    assert main(["--url", "http://example.com:8000"]) == 2
