@@ -161,6 +161,7 @@ def main() -> None:
                 up_at = time.monotonic() - start
             time.sleep(1)
         served = task.result()
+        pool.shutdown()
         # at once: a replica that scales down takes its count with it
         lane_served = lane_requests(url, org, replica_count(serve)[0]) - lane_before
         quiet_at = time.monotonic()
