@@ -138,6 +138,7 @@ class Lane:
         status = 500
         rt.sse_open += 1
         rt.requests += 1
+        rt.lane_requests += 1
         try:
             opened = await fastpath.open_stream(params[0], q, headers)
             if isinstance(opened, Response):

@@ -23,34 +23,52 @@ async def _lane_backend() -> dict[str, str]:
         return next(row for row in rows if row["pxname"] == "ep_lane" and row["svname"] == "BACKEND")
 
 
-async def _lane_sessions(app_env) -> int:
-    """Requests HAProxy has sent to the lane backend so far. Waits (up to 30 s) for its
-    health check to pass first: until then HAProxy sends the lane's routes to Serve, as
-    it does when a node has no replica up."""
-    for _ in range(60):
+async def _lane_up() -> None:
+    """Until HAProxy has sent the lane's routes to the lane for a while (up to 60 s).
+
+    Until its health check sees the lane up, HAProxy sends the lane's routes to Serve, as
+    it does when a node has no replica up. Serve reloads HAProxy as the app's replicas come
+    up, and a new HAProxy process starts with the lane as the last state dump saw it, which
+    may be before it was up: so also until the newest HAProxy process is 3 s old."""
+    import time
+
+    import psutil
+
+    base = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    for _ in range(120):
         row = await _lane_backend()
-        if row["status"] == "UP":
-            return int(row["stot"] or 0)
+        started = max((p.info["create_time"] for p in psutil.process_iter(["cmdline", "create_time"])
+                       if base in " ".join(p.info.get("cmdline") or ())), default=0.0)
+        if row["status"] == "UP" and time.time() - started >= 3:
+            return
         await asyncio.sleep(0.5)
-    raise AssertionError(f"HAProxy never saw the lane up: {row}")
+    raise AssertionError(f"HAProxy never settled with the lane up: {row}")
 
 
-async def _lane_sessions_after(app_env, before: int, expected: int) -> int:
-    """Requests sent to the lane since `before`, once HAProxy has counted `expected` of them
-    (it counts a request when its stream ends, which can be just after the client has the
-    answer) or a second has passed."""
-    for _ in range(20):
-        sent = await _lane_sessions(app_env) - before
-        if sent >= expected:
-            break
-        await asyncio.sleep(0.05)
-    return sent
+async def _lane_served(http, auth_headers) -> int:
+    """Requests the replicas' lanes have taken so far, once the lane is up. Each replica
+    counts its own (`/api/admin/stats`, which Serve answers: asked until every running
+    replica has). Counted where the requests arrive, not in HAProxy's stats, which a
+    reload of HAProxy starts again from zero."""
+    from ray import serve
+
+    await _lane_up()
+    status = serve.status().applications["eventpulse"].deployments["Ingress"]
+    running = status.replica_states.get("RUNNING", 0)
+    seen: dict[str, int] = {}
+    for _ in range(100):
+        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
+            stats = await r.json()
+        seen[stats["replica"]] = stats["lane"]["requests"]
+        if len(seen) >= running:
+            return sum(seen.values())
+    raise AssertionError(f"{len(seen)} of {running} replicas answered: {seen}")
 
 
 async def test_haproxy_sends_the_lanes_routes_to_the_lane(serve_url, auth_headers, make_event,
                                                          app_env):
-    # A connection per request: Serve reloads HAProxy as replicas come up, an old process
-    # keeps serving the connections it has, and its counts are not the ones read here.
+    # A connection per request: Serve reloads HAProxy as replicas come up, and an old
+    # process keeps serving the connections it has with the config it had.
     async with aiohttp.ClientSession(serve_url, connector=aiohttp.TCPConnector(force_close=True)
                                      ) as http:
         await _routes_go_to_the_lane(http, auth_headers, make_event, app_env)
@@ -59,7 +77,7 @@ async def test_haproxy_sends_the_lanes_routes_to_the_lane(serve_url, auth_header
 async def _routes_go_to_the_lane(http, auth_headers, make_event, app_env) -> None:
     event = await make_event(total_tickets=5)
     u = unique()
-    before = await _lane_sessions(app_env)
+    before = await _lane_served(http, auth_headers)
     async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
                          headers=auth_headers(u)) as r:
         assert r.status == 200 and (await r.json())["status"] == "offered"
@@ -68,29 +86,29 @@ async def _routes_go_to_the_lane(http, auth_headers, make_event, app_env) -> Non
                  f"/api/users/{u}/tickets"):
         async with http.get(path, headers=auth_headers(u)) as r:
             assert r.status == 200, (path, await r.text())
-    assert await _lane_sessions_after(app_env, before, 4) >= 4
-    before = await _lane_sessions(app_env)
+    assert await _lane_served(http, auth_headers) - before == 4
+    before = await _lane_served(http, auth_headers)
     for query in ("fields=id", f"eventId={event['id']}", f"eventId={event['id']}&fields=id,status",
                   "fields=password"):  # the last one the lane refuses as the app does (422)
         async with http.get(f"/api/users/{u}/tickets?{query}", headers=auth_headers(u)) as r:
             assert r.status == (422 if "password" in query else 200), query
-    assert await _lane_sessions_after(app_env, before, 4) == 4
+    assert await _lane_served(http, auth_headers) - before == 4
     # a public read the edge verified but has not cached (a new event's) goes to the lane
-    before = await _lane_sessions(app_env)
+    before = await _lane_served(http, auth_headers)
     for path in (f"/api/events/{event['id']}", f"/api/events/{event['id']}/availability"):
         async with http.get(path, headers=auth_headers(u)) as r:
             assert r.status == 200 and (await r.json())["total_tickets" if "avail" not in path
                                                          else "total"] == 5
-    assert await _lane_sessions_after(app_env, before, 2) == 2
+    assert await _lane_served(http, auth_headers) - before == 2
     # anything else still goes through Serve: not counted on the lane
-    before = await _lane_sessions(app_env)
+    before = await _lane_served(http, auth_headers)
     async with http.get(f"/api/users/{u}/tickets?fields=id&x=1", headers=auth_headers(u)) as r:
         assert r.status == 200
     async with http.get(f"/api/events/{event['id']}/queue/me/stream?x=1",
                         headers=auth_headers(u)) as r:
         assert r.status == 200
     await asyncio.sleep(0.5)
-    assert await _lane_sessions(app_env) == before
+    assert await _lane_served(http, auth_headers) == before
 
 
 async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, app_env):
@@ -159,7 +177,7 @@ async def test_a_stream_on_the_lane_pushes_the_entry_as_it_changes(http, auth_he
         async with http.post(f"/api/events/{event['id']}/queue", json={"quantity": 1},
                              headers=auth_headers(u)) as r:
             assert r.status == 200
-    before = await _lane_sessions(app_env)
+    before = await _lane_served(http, auth_headers)
     async with http.get(f"/api/events/{event['id']}/queue/me/stream",
                         headers=auth_headers(me)) as stream:
         assert stream.status == 200
@@ -177,7 +195,7 @@ async def test_a_stream_on_the_lane_pushes_the_entry_as_it_changes(http, auth_he
                                headers=auth_headers(first)) as r:
             assert r.status == 200
         assert (await next_entry())["status"] == "offered"
-    assert await _lane_sessions(app_env) - before >= 1
+    assert await _lane_served(http, auth_headers) - before == 1  # the stream
     lane = f"http://127.0.0.1:{app_env['EVENTPULSE_LANE_PORT']}"
     async with aiohttp.ClientSession(lane) as s, \
             s.get(f"/api/events/{event['id']}/queue/me/stream") as r:
@@ -213,7 +231,7 @@ async def test_the_lane_takes_haproxys_word_for_a_signature_only_with_the_proof(
     forged = mint_token(other, secret=another)
     made_up = {"Authorization": f"Bearer {forged}", "X-EP-Verified": forged.rsplit(".", 1)[1],
                "X-EP-Proof": proof}
-    await _lane_sessions(app_env)  # the lane is up: this goes there
+    await _lane_up()  # this goes there
     async with http.post(path, json={"quantity": 1}, headers=made_up) as r:
         assert r.status == 401
     async with http.post(path, json={"quantity": 1}, headers=auth_headers(other)) as r:
