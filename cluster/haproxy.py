@@ -35,7 +35,7 @@ The edits:
   aside for the cache lookup and put back before a miss goes on to a replica (to its
   lane when the lane is up: Serve's request path cost ~1 ms a miss, and under load
   concurrent misses came to ~80 a second).
-* **The lane.** With `EVENTPULSE_LANE_PORT` set, the per-user reads and joins go to the
+* **The lane.** With `EVENTPULSE_LANE_PORT` set, the per-user reads, joins and purchases go to the
   node's replicas' own aiohttp servers (`serve/lane.py`) while one of them answers the
   health check; otherwise, and for every other route, through Serve as before. With the
   secret known, HAProxy checks the HS256 signature of a lane request's bearer token and
@@ -86,7 +86,7 @@ _EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cac
     http-response cache-store {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
 """
 
-_LANE = """    # Event-Pulse lane: per-user reads and joins to the replicas' aiohttp servers
+_LANE = """    # Event-Pulse lane: per-user reads, joins and purchases to the replicas' aiohttp servers
     acl ep_lane_up nbsrv(ep_lane) ge 1
     acl ep_lane_get path_reg ^/api/(events/[A-Za-z0-9_-]{1,64}/queue/me|users/[^/]{1,128}/tickets)$
     acl ep_lane_pos path /api/queue/position
@@ -100,6 +100,10 @@ _LANE = """    # Event-Pulse lane: per-user reads and joins to the replicas' aio
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_pos ep_lane_posq
     use_backend ep_lane if ep_lane_up { method POST } ep_lane_join !{ query -m found } { req.hdr(content-type) -m beg application/json }
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse !{ query -m found }
+    acl ep_lane_buy path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/purchases$
+    acl ep_lane_buyq query -m reg ^wait=([0-9]|[12][0-9]|30)(\\.[0-9]{1,3})?$
+    use_backend ep_lane if ep_lane_up { method POST } ep_lane_buy !{ query -m found } { req.hdr(content-type) -m beg application/json }
+    use_backend ep_lane if ep_lane_up { method POST } ep_lane_buy ep_lane_buyq { req.hdr(content-type) -m beg application/json }
     use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse { query -m reg ^access_token=[^&]+$ }
 """
 

@@ -117,6 +117,7 @@ class PartitionConsumer:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         next_reclaim = 0.0
         grouped = False
+        linger = self.settings.purchase_linger_ms / 1000
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             try:
                 if not grouped:  # inside the retry: Redis may be starting, or flaky, too
@@ -129,8 +130,12 @@ class PartitionConsumer:
                 resp = await r.xreadgroup(keys.PURCHASE_GROUP, self.name, {self.stream: ">"},
                                           count=self.settings.purchase_batch_size,
                                           block=self.settings.purchase_batch_wait_ms)
+                taken = 0
                 for _, messages in resp or []:
                     await self.process(r, messages)
+                    taken += len(messages)
+                if 0 < taken < self.settings.purchase_batch_size and linger > 0:
+                    await asyncio.sleep(linger)  # let the next batch gather (a setting)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — Redis or actor trouble: back off, go on

@@ -1,29 +1,31 @@
 """The hottest routes answered without FastAPI's routing and dependency injection.
 
 The earlier product's load mix is five GETs per user every few seconds, and an on-sale
-starts with everyone joining and opening their stream at once; on two cores the Serve
-replica's per-request Python is the budget, and FastAPI's router, dependency solver and
-exception middleware are a large share of it for routes this small. These routes (the
-five GETs, joins and SSE streams) call the very same functions as their FastAPI twins
-(which stay, for the OpenAPI document and for anything unusual); whatever the fast path
-does not recognise exactly, it hands to FastAPI.
+starts with everyone joining and opening their stream at once, then buying; on two cores
+the Serve replica's per-request Python is the budget, and FastAPI's router, dependency
+solver and exception middleware are a large share of it for routes this small. These
+routes (the five GETs, joins, purchases and SSE streams) call the very same functions
+as their FastAPI twins (which stay, for the OpenAPI document and for anything unusual);
+whatever the fast path does not recognise exactly, it hands to FastAPI.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
 
 from eventpulse.errors import EventPulseError, Unauthorized
+from serve import idempotency
 from serve.auth import authenticate_vouched, require_self
 from serve.errors import from_domain, unexpected
 from serve.responses import json
+from serve.routes import purchases, queue
 from serve.routes.events import event_response
-from serve.routes import queue
 from serve.routes.queue import my_entry, shaped
-from serve.schemas import JoinIn
+from serve.schemas import JoinIn, PurchaseIn
 from serve.sse import Feed, Writer, hub
 from serve.routes.tickets import tickets_response
 from serve.runtime import get_runtime
@@ -36,8 +38,14 @@ POSITION = "/api/queue/position"
 TICKETS = "/api/users/{user_id}/tickets"
 STREAM = "/api/events/{event_id}/queue/me/stream"
 JOIN = "/api/events/{event_id}/queue"
+PURCHASE = "/api/events/{event_id}/purchases"
 HEALTH = "/healthz"
 GZIP_MIN = 1024  # as the app's GZipMiddleware
+# `?wait=` in its plain spellings (HAProxy's route to the lane matches the same); past
+# the route's 30 s, or spelt otherwise, it is FastAPI's to answer
+_WAIT = re.compile(rb"wait=((?:[0-9]|[12][0-9]|30)(?:\.[0-9]{1,3})?)")
+WAIT_MAX_S = 30.0
+_IDEMPOTENCY_KEY = re.compile(idempotency.KEY_PATTERN.encode())
 
 
 def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[str, str]] | None:
@@ -46,6 +54,12 @@ def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[st
         parts = path.split("/")
         if len(parts) == 5 and parts[2] == "events" and parts[4] == "queue" and not query:
             return JOIN, [parts[3]], {}
+        if len(parts) == 5 and parts[2] == "events" and parts[4] == "purchases":
+            if not query:
+                return PURCHASE, [parts[3]], {}
+            wait = _WAIT.fullmatch(query)
+            if wait is not None:
+                return PURCHASE, [parts[3]], {"wait": wait.group(1).decode()}
         return None
     if method != "GET":
         return None
@@ -87,9 +101,13 @@ async def answer(route: str, params: list[str], q: dict[str, str],
     """The response of a matched request, gzipped like the app's larger answers; None
     hands the request to FastAPI (a join whose body is not exactly right gets FastAPI's
     own validation answer)."""
-    join = None
+    join: JoinIn | tuple[PurchaseIn, str] | None = None
     if route == JOIN:
         join = _join_body(headers, body)
+        if join is None:
+            return None
+    elif route == PURCHASE:
+        join = _purchase(headers, body) if float(q.get("wait", 0)) <= WAIT_MAX_S else None
         if join is None:
             return None
     response = await _answer(route, params, q, headers, join)
@@ -111,19 +129,38 @@ def _join_body(headers: dict[bytes, bytes], body: bytes) -> JoinIn | None:
         return None
 
 
+def _purchase(headers: dict[bytes, bytes], body: bytes) -> tuple[PurchaseIn, str] | None:
+    """A purchase's body and Idempotency-Key when both are exactly as documented, else None."""
+    key = headers.get(b"idempotency-key")
+    if key is None or _IDEMPOTENCY_KEY.fullmatch(key) is None:
+        return None
+    if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        return None
+    try:
+        return PurchaseIn.model_validate_json(body), key.decode()
+    except ValueError:
+        return None
+
+
 def _failure(e: Exception) -> Response:
     """The answer FastAPI's exception handlers give for an error raised on the fast path."""
     return from_domain(e) if isinstance(e, EventPulseError) else unexpected(e)
 
 
 async def _answer(route: str, params: list[str], q: dict[str, str],
-                  headers: dict[bytes, bytes], join: JoinIn | None = None) -> Response:
+                  headers: dict[bytes, bytes],
+                  body: JoinIn | tuple[PurchaseIn, str] | None = None) -> Response:
     if route == HEALTH:
         return json({"status": "ok"})
     try:
         p = authenticate_vouched(_token(headers), headers)
         if route == JOIN:
-            return await queue.join(params[0], join, p)
+            assert isinstance(body, JoinIn)
+            return await queue.join(params[0], body, p)
+        if route == PURCHASE:
+            assert isinstance(body, tuple)
+            return await purchases.purchase(params[0], body[0], p, body[1],
+                                            float(q.get("wait", 0)))
         inm = headers.get(b"if-none-match", b"").decode("latin-1") or None
         if route == EVENT:
             return await event_response(params[0], inm)

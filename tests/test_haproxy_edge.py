@@ -85,7 +85,7 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
         assert lines[restore + 1].strip().startswith("server ")
     # the lane's routes are chosen before Serve's catch-all, and only with a lane port
     uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
-    assert uses == (["ep_lane"] * 7 if lane else []) + ["http-eventpulse"]
+    assert uses == (["ep_lane"] * 9 if lane else []) + ["http-eventpulse"]
     if lane:  # the edge's cache misses go to the lane, with the token it set aside
         lane_at = lines.index("backend ep_lane")
         restored = next(i for i, x in enumerate(lines) if i > lane_at and "set-header authorization" in x)

@@ -66,7 +66,7 @@ async def _lane_served(http, auth_headers) -> int:
 
 
 async def test_haproxy_sends_the_lanes_routes_to_the_lane(serve_url, auth_headers, make_event,
-                                                         app_env):
+                                                         app_env, purchase_job):
     # A connection per request: Serve reloads HAProxy as replicas come up, and an old
     # process keeps serving the connections it has with the config it had.
     async with aiohttp.ClientSession(serve_url, connector=aiohttp.TCPConnector(force_close=True)
@@ -87,6 +87,20 @@ async def _routes_go_to_the_lane(http, auth_headers, make_event, app_env) -> Non
         async with http.get(path, headers=auth_headers(u)) as r:
             assert r.status == 200, (path, await r.text())
     assert await _lane_served(http, auth_headers) - before == 4
+    # the offer bought on the lane; the same Idempotency-Key through Serve (a query the
+    # lane's routing leaves out) answers the same purchase
+    buy = {"quantity": 1, "payment_reference": "test_ok_lane"}
+    key = {**auth_headers(u), "Idempotency-Key": f"lane-{unique()}"}
+    before = await _lane_served(http, auth_headers)
+    async with http.post(f"/api/events/{event['id']}/purchases?wait=5", json=buy,
+                         headers=key) as r:
+        bought = await r.json()
+        assert r.status == 201 and bought["status"] == "committed", bought
+    assert await _lane_served(http, auth_headers) - before == 1
+    async with http.post(f"/api/events/{event['id']}/purchases?wait=5&x=1", json=buy,
+                         headers=key) as r:
+        assert r.status == 201 and (await r.json())["purchase_id"] == bought["purchase_id"]
+    assert await _lane_served(http, auth_headers) - before == 1
     before = await _lane_served(http, auth_headers)
     for query in ("fields=id", f"eventId={event['id']}", f"eventId={event['id']}&fields=id,status",
                   "fields=password"):  # the last one the lane refuses as the app does (422)
@@ -117,6 +131,10 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
     event = await make_event(total_tickets=5)
     lane = f"http://127.0.0.1:{app_env['EVENTPULSE_LANE_PORT']}"
     me, other = unique(), unique()
+    buy = {"quantity": 1, "payment_reference": "test_ok_lane"}
+
+    def key(user: str) -> dict[str, str]:
+        return {**auth_headers(user), "Idempotency-Key": f"k-{secrets.token_hex(8)}"}
     async with aiohttp.ClientSession(lane) as direct:
         async with direct.get("/healthz") as r:
             assert r.status == 200 and await r.json() == {"status": "ok"}
@@ -144,6 +162,22 @@ async def test_the_lane_answers_as_the_app_does(http, auth_headers, make_event, 
             # a bad token and a bad body: the token is refused first, as FastAPI does
             ("POST", f"/api/events/{event['id']}/queue", {"Authorization": "Bearer x.y.z"},
              {"quantity": 0, "ticket_type": True}),
+            # purchases: what is not exactly as documented the lane has the app answer
+            ("POST", f"/api/events/{event['id']}/purchases?wait=2", key(other), buy),  # 409
+            ("POST", f"/api/events/{event['id']}/purchases", key(other), buy),         # 409
+            ("POST", f"/api/events/{event['id']}/purchases", auth_headers(other), buy),  # 422
+            ("POST", f"/api/events/{event['id']}/purchases",
+             {**auth_headers(other), "Idempotency-Key": "short"}, buy),                # 422
+            ("POST", f"/api/events/{event['id']}/purchases?wait=30.5", key(other), buy),  # 422
+            ("POST", f"/api/events/{event['id']}/purchases", key(other),
+             {"quantity": 0, "payment_reference": "x"}),                               # 422
+            ("POST", f"/api/events/{event['id']}/purchases", key(me), {"quantity": 3,
+             "payment_reference": "x"}),                                               # 400
+            ("POST", f"/api/events/{event['id']}/purchases", auth_headers(other),
+             {"quantity": 0}),                                                         # 422 x3
+            ("POST", f"/api/events/{event['id']}/purchases",
+             {"Authorization": "Bearer x.y.z", "Idempotency-Key": "k" * 9}, buy),        # 401
+            ("POST", "/api/events/nope/purchases", key(other), buy),                  # 404
         ]
         for method, path, headers, body in cases:
             async with direct.request(method, path, headers=headers, json=body) as r:
