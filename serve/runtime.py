@@ -62,6 +62,11 @@ class Runtime:
         self.key_reads = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=self._mget)
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
+        # Events whose line has sold every ticket (`sold_out_refusal`): for good, as the
+        # capacity is fixed and a sale is never undone; learned from the line's availability
+        self.sold_out: set[str] = set()
+        self._learning: set[str] = set()
+        self.sold_out_refusals = 0
         self.mirrors: dict[str, LineMirror] = {}  # per event, while its entries are read
         self.mirror_reads = {"mirror": 0, "actor": 0}
         self._listener: asyncio.Task | None = None
@@ -123,9 +128,25 @@ class Runtime:
                          "remaining": 0, "sold_out": False}
             else:
                 avail = await direct(event_id, "availability")
+                if avail.get("sold_out") and avail["sold"] >= avail["total"]:
+                    self.sold_out.add(event_id)
             avail = {"event_id": event_id, **avail}
             self.availability.put(event_id, avail)
         return avail
+
+    def learn_sold_out(self, event_id: str) -> None:
+        """After the line refused a join as sold out: read its availability in the
+        background (one read at a time per event) to learn whether it sold every ticket."""
+        if event_id in self.sold_out or event_id in self._learning:
+            return
+        self._learning.add(event_id)
+
+        def done(task: asyncio.Task) -> None:
+            self._learning.discard(event_id)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("availability of %s: %s", event_id, task.exception())
+
+        asyncio.ensure_future(self.availability_of(event_id)).add_done_callback(done)
 
     async def announce_event_change(self, event_id: str) -> None:
         self.events.invalidate(event_id)
@@ -241,6 +262,7 @@ class Runtime:
             "requests": self.requests,
             "in_flight": self.in_flight,
             "lane": {"requests": self.lane_requests, "in_flight": self.lane_in_flight},
+            "sold_out": {"refusals": self.sold_out_refusals, "events": sorted(self.sold_out)[:100]},
             "sse_open": self.sse_open,
             "redis_pool": stats,
             "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},

@@ -190,3 +190,56 @@ async def test_last_seats_under_concurrency_are_never_oversold(http, auth_header
     assert sold["_total"] == 5
     assert sum(1 for s, _ in results if s == 201) == 5
     assert all(s in (201, 409) for s, _ in results)
+
+
+async def _replica_stats(http, auth_headers) -> list[dict]:
+    """`/api/admin/stats` of every running replica (each answers for itself; asked until
+    all have)."""
+    from ray import serve
+
+    status = serve.status().applications["eventpulse"].deployments["Ingress"]
+    running = status.replica_states.get("RUNNING", 0)
+    seen: dict[str, dict] = {}
+    for _ in range(100):
+        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
+            stats = await r.json()
+        seen[stats["replica"]] = stats
+        if len(seen) >= running:
+            return list(seen.values())
+    raise AssertionError(f"{len(seen)} of {running} replicas answered")
+
+
+async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
+        http, auth_headers, make_event):
+    """Once the line has sold every ticket the replicas refuse joins without asking it
+    (`serve.routes.queue.sold_out_refusal`): every answer is the one the line gave."""
+    event = await make_event(total_tickets=1, max_per_user=1)
+    eid, buyer = event["id"], unique()
+    await join(http, auth_headers, eid, buyer)
+    status, body = await buy(http, auth_headers, eid, buyer)
+    assert status == 201, body
+
+    async def answers() -> list[tuple[int, dict]]:
+        out = []
+        for user, req in ((unique(), {"quantity": 1}), (buyer, {"quantity": 1}),
+                          (unique(), {"quantity": 1, "ticket_type": "balcony"})):
+            async with http.post(f"/api/events/{eid}/queue", json=req,
+                                 headers=auth_headers(user)) as r:
+                out.append((r.status, await r.json()))
+        return out
+
+    expected = await answers()  # the line's: no replica knows yet that it sold out
+    assert [(s, b["error"]["code"]) for s, b in expected] == [
+        (409, "sold_out"), (409, "already_purchased"), (422, "invalid_input")], expected
+    for _ in range(100):  # each replica learns it from the line after refusing a join
+        if all(eid in s["sold_out"]["events"] for s in await _replica_stats(http, auth_headers)):
+            break
+        await answers()
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the replicas never learned that the line sold out")
+    before = sum(s["sold_out"]["refusals"] for s in await _replica_stats(http, auth_headers))
+    for _ in range(5):
+        assert await answers() == expected
+    after = sum(s["sold_out"]["refusals"] for s in await _replica_stats(http, auth_headers))
+    assert after - before == 15
