@@ -61,6 +61,9 @@ class Runtime:
         # single-key reads made together share one MGET (on one Redis, as the counts)
         self.key_reads = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=self._mget)
+        # "did these users buy?" for an event: one HMGET of its buyers a window
+        self.buyer_reads = Coalescer(self.settings.actor_batch_window_ms / 1000,
+                                     run=self._buyers)
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
         # Events whose line has sold every ticket (`sold_out_refusal`): for good, as the
         # capacity is fixed and a sale is never undone; learned from the line's availability
@@ -93,6 +96,14 @@ class Runtime:
 
     async def _mget(self, _: tuple[str, str], names: list[str]) -> list[bytes | None]:
         return await self.redis.mget(names)
+
+    async def _buyers(self, key: tuple[str, str], users: list[str]) -> list[bool]:
+        found = await self.redis.hmget(keys.event_buyers(key[0]), users)
+        return [pid is not None for pid in found]
+
+    async def has_bought(self, event_id: str, user_id: str) -> bool:
+        """Whether the ledger holds a purchase of `user_id` for the event (its buyers)."""
+        return await self.buyer_reads.call(event_id, "buyers", user_id)
 
     async def read_key(self, name: str) -> bytes | None:
         """GET `name`: on one Redis a share of one MGET with the reads made meanwhile (a

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Query
 from starlette.responses import StreamingResponse
 
 from actors.line import MAX_USER_LEN
-from eventpulse import keys
 from eventpulse.auth import Principal
 from eventpulse.errors import (
     AlreadyPurchased,
@@ -89,7 +88,7 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     name = types[0] if ticket_type is None else ticket_type
     if name not in types:
         raise InvalidInput(f"unknown ticket type {name!r}")
-    if await get_runtime().redis.hexists(keys.event_buyers(event_id), user_id):
+    if await get_runtime().has_bought(event_id, user_id):
         raise AlreadyPurchased("you already bought tickets for this event")
     raise SoldOut(f"{name!r} is sold out")
 
