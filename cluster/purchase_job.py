@@ -93,6 +93,7 @@ class PartitionConsumer:
         self.errors_key = keys.purchase_errors(partition)
         self.name = f"p{partition}-{uuid.uuid4().hex[:8]}"
         self.processed = 0  # requests acknowledged with an outcome
+        self.batches = 0  # reads that returned work
         self.reclaimed = 0  # requests taken over from idle consumers
         self.dead_lettered = 0
         # Reclaim at least twice per idle period so a dead consumer's work waits ~1 period.
@@ -102,6 +103,7 @@ class PartitionConsumer:
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "partition": self.partition, "processed": self.processed,
+                "batches": self.batches,
                 "reclaimed": self.reclaimed, "dead_lettered": self.dead_lettered}
 
     async def ensure_group(self, r: RedisClient) -> None:
@@ -225,6 +227,7 @@ class PartitionConsumer:
     async def process(self, r: RedisClient, messages: list) -> None:
         """One batch: decode, group by event, run each event's requests, ack what settled."""
         started = time.perf_counter()
+        self.batches += 1
         metrics.get("purchase_batch").observe(len(messages))
         by_event: dict[str, list[tuple[Any, dict]]] = defaultdict(list)
         for mid, fields in messages:

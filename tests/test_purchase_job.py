@@ -407,3 +407,40 @@ async def test_a_consumer_that_cannot_reach_redis_at_start_keeps_trying(redis):
     started = time.monotonic()
     assert await c.run(max_seconds=1.5) == 0
     assert time.monotonic() - started >= 1.4  # it kept trying until told to stop
+
+
+# (e) a trickle of purchases gathers into batches; an idle consumer waits for nothing --------
+async def test_a_trickle_gathers_into_one_batch_and_the_first_request_is_not_held(redis):
+    """`purchase_linger_ms`: after a batch that was not full the consumer waits before its
+    next read, so requests arriving one by one share a batch; an idle consumer still reads
+    a request the moment it arrives (XREADGROUP BLOCK)."""
+    p = 99
+    event_id = await make_event(redis, {"A": 50})
+    users = [unique() for _ in range(42)]
+    await join(event_id, [(u, 1, "A") for u in users])
+
+    async def trickle(linger_ms: float, reqs: list[dict]) -> tuple[PartitionConsumer, float]:
+        await fresh_partition(redis, p)
+        c = consumer(p, purchase_linger_ms=linger_ms)
+        task = asyncio.create_task(c.run())
+        try:
+            await asyncio.sleep(0.5)  # blocked on its read: idle
+            started = time.monotonic()
+            await inject(redis, p, reqs[:1])
+            await wait_settled(redis, reqs[:1], 10)
+            first = time.monotonic() - started
+            for q in reqs[1:]:  # then one every 10 ms
+                await inject(redis, p, [q])
+                await asyncio.sleep(0.01)
+            recs = await wait_settled(redis, reqs, 20)
+            assert all(rec["status"] == "committed" for rec in recs), recs
+            return c, first
+        finally:
+            c.stop()
+            await asyncio.wait_for(task, 10)
+
+    gathered, first = await trickle(3000, [request(event_id, u) for u in users[:21]])
+    assert first < 2.0  # not held for the 3 s linger: read as it arrived
+    assert gathered.batches == 2, gathered.stats()  # the first alone, then the other 20
+    one_by_one, _ = await trickle(0, [request(event_id, u) for u in users[21:]])
+    assert one_by_one.batches >= 8, one_by_one.stats()
