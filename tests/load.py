@@ -147,11 +147,20 @@ async def check_invariants(redis, load: Load, capacity: int) -> dict[str, Any]:
     """Nothing acknowledged lost, nothing duplicated, nothing oversold, positions exact."""
     eid = load.event_id
     users = sorted(load.joined)
-    views = await get_queue(eid).view_many.remote(users, False)
-    lost_joins = [u for u, v in zip(users, views) if v is None]
-    stats = await get_queue(eid).stats.remote()
-    positions = sorted(v["position"] for v in views if v and v["status"] == "waiting")
+    # Purchases accepted before the load stopped settle afterwards (the job gathers a
+    # batch for `purchase_linger_ms`), and a declined one hands its seats to the next in
+    # line: wait for them, then read the entries and the line's counts while it is still.
     outcomes = await wait_for_purchases(redis, eid, list(load.accepted))
+    queue = get_queue(eid)
+    for _ in range(100):
+        version = await queue.version.remote()
+        views = await queue.view_many.remote(users, False)
+        stats = await queue.stats.remote()
+        if await queue.version.remote() == version:
+            break
+        await asyncio.sleep(0.1)
+    lost_joins = [u for u, v in zip(users, views) if v is None]
+    positions = sorted(v["position"] for v in views if v and v["status"] == "waiting")
     lost_purchases = [pid for pid, s in outcomes.items() if s not in FINAL]
     sold = (await ledger.sold_counts(redis, eid)).get("_total", 0)
     tickets = [ledger.unpack_ticket(b, eid)

@@ -34,7 +34,8 @@ async def scenario(cluster, worker) -> dict:
         for i in range(0, len(users), 50):
             await q.join_many.remote([(u, 1, None, None) for u in users[i:i + 50]])
         lines[doc["id"]] = await q.view_many.remote(users, False)
-    on_worker = [eid for eid in lines if _actor_node(eid) == worker.node_id]
+    placed = {eid: _actor_node(eid) for eid in lines}
+    on_worker = [eid for eid, node in placed.items() if node == worker.node_id]
     lost_at = time.monotonic()
     cluster.remove_node(worker, allow_graceful=False)
     same = []
@@ -49,21 +50,30 @@ async def scenario(cluster, worker) -> dict:
         same.append(after == lines[eid])
     recovered_s = time.monotonic() - lost_at
     await r.aclose()
-    return {"events": len(lines), "on_worker": len(on_worker), 
+    return {"events": len(lines), "on_worker": len(on_worker),
             "all_same_line": all(same), "recovered_s": round(recovered_s, 1),
-            "users": len(users)}
+            "users": len(users),
+            # where each actor was (None: the state API never showed it alive), for a failure
+            "placed": ["worker" if n == worker.node_id else "head" if n else None
+                       for n in placed.values()]}
 
 
 def _actor_node(event_id: str) -> str | None:
+    """The node of the event's live actor, as the state API reports it (which can lag
+    behind the GCS on a busy machine: asked again for up to 20 s)."""
     import ray.util.state
 
     from actors.directory import actor_name
 
-    for a in ray.util.state.list_actors(filters=[("name", "=", actor_name(event_id))],
-                                        address=os.environ["EP_DASHBOARD"], limit=10):
-        if a.state == "ALIVE":
-            return a.node_id
-    return None
+    deadline = time.monotonic() + 20
+    while True:
+        for a in ray.util.state.list_actors(filters=[("name", "=", actor_name(event_id))],
+                                            address=os.environ["EP_DASHBOARD"], limit=10):
+            if a.state == "ALIVE":
+                return a.node_id
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 def main() -> int:
