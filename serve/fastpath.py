@@ -99,18 +99,18 @@ def _token(headers: dict[bytes, bytes], query_token: str | None = None) -> str:
 async def answer(route: str, params: list[str], q: dict[str, str],
                  headers: dict[bytes, bytes], body: bytes = b"") -> Response | None:
     """The response of a matched request, gzipped like the app's larger answers; None
-    hands the request to FastAPI (a join whose body is not exactly right gets FastAPI's
-    own validation answer)."""
-    join: JoinIn | tuple[PurchaseIn, str] | None = None
+    hands the request to FastAPI (a join or purchase that is not exactly as documented
+    gets FastAPI's own validation answer)."""
+    parsed: JoinIn | tuple[PurchaseIn, str] | None = None
     if route == JOIN:
-        join = _join_body(headers, body)
-        if join is None:
+        parsed = _join_body(headers, body)
+        if parsed is None:
             return None
     elif route == PURCHASE:
-        join = _purchase(headers, body) if float(q.get("wait", 0)) <= WAIT_MAX_S else None
-        if join is None:
+        parsed = _purchase(headers, body) if float(q.get("wait", 0)) <= WAIT_MAX_S else None
+        if parsed is None:
             return None
-    response = await _answer(route, params, q, headers, join)
+    response = await _answer(route, params, q, headers, parsed)
     if len(response.body) >= GZIP_MIN and b"gzip" in headers.get(b"accept-encoding", b""):
         out = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         out.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})

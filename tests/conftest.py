@@ -294,6 +294,23 @@ def unique(prefix: str = "u") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+async def replica_stats(http, auth_headers) -> list[dict]:
+    """`/api/admin/stats` of every running Ingress replica. Each replica answers for itself
+    and Serve picks which one answers: asked until every running replica has."""
+    from ray import serve
+
+    status = serve.status().applications["eventpulse"].deployments["Ingress"]
+    running = status.replica_states.get("RUNNING", 0)
+    seen: dict[str, dict] = {}
+    for _ in range(100):
+        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
+            stats = await r.json()
+        seen[stats["replica"]] = stats
+        if len(seen) >= running:
+            return list(seen.values())
+    raise AssertionError(f"{len(seen)} of {running} replicas answered: {sorted(seen)}")
+
+
 EVENT_BODY = {"name": "Test Night", "description": "d", "location": "Hall",
               "event_date": "2027-01-01T20:00:00Z", "price": 10.0, "total_tickets": 10,
               "max_per_user": 4}

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import replica_stats, unique
 
 pytestmark = pytest.mark.usefixtures("purchase_job")
 
@@ -192,23 +192,6 @@ async def test_last_seats_under_concurrency_are_never_oversold(http, auth_header
     assert all(s in (201, 409) for s, _ in results)
 
 
-async def _replica_stats(http, auth_headers) -> list[dict]:
-    """`/api/admin/stats` of every running replica (each answers for itself; asked until
-    all have)."""
-    from ray import serve
-
-    status = serve.status().applications["eventpulse"].deployments["Ingress"]
-    running = status.replica_states.get("RUNNING", 0)
-    seen: dict[str, dict] = {}
-    for _ in range(100):
-        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
-            stats = await r.json()
-        seen[stats["replica"]] = stats
-        if len(seen) >= running:
-            return list(seen.values())
-    raise AssertionError(f"{len(seen)} of {running} replicas answered")
-
-
 async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
         http, auth_headers, make_event):
     """Once the line has sold every ticket the replicas refuse joins without asking it
@@ -232,14 +215,14 @@ async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
     assert [(s, b["error"]["code"]) for s, b in expected] == [
         (409, "sold_out"), (409, "already_purchased"), (422, "invalid_input")], expected
     for _ in range(100):  # each replica learns it from the line after refusing a join
-        if all(eid in s["sold_out"]["events"] for s in await _replica_stats(http, auth_headers)):
+        if all(eid in s["sold_out"]["events"] for s in await replica_stats(http, auth_headers)):
             break
         await answers()
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the replicas never learned that the line sold out")
-    before = sum(s["sold_out"]["refusals"] for s in await _replica_stats(http, auth_headers))
+    before = sum(s["sold_out"]["refusals"] for s in await replica_stats(http, auth_headers))
     for _ in range(5):
         assert await answers() == expected
-    after = sum(s["sold_out"]["refusals"] for s in await _replica_stats(http, auth_headers))
+    after = sum(s["sold_out"]["refusals"] for s in await replica_stats(http, auth_headers))
     assert after - before == 15

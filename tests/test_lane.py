@@ -12,7 +12,7 @@ import secrets
 import aiohttp
 import orjson
 
-from tests.conftest import unique
+from tests.conftest import replica_stats, unique
 
 
 async def _lane_backend() -> dict[str, str]:
@@ -50,19 +50,8 @@ async def _lane_served(http, auth_headers) -> int:
     counts its own (`/api/admin/stats`, which Serve answers: asked until every running
     replica has). Counted where the requests arrive, not in HAProxy's stats, which a
     reload of HAProxy starts again from zero."""
-    from ray import serve
-
     await _lane_up()
-    status = serve.status().applications["eventpulse"].deployments["Ingress"]
-    running = status.replica_states.get("RUNNING", 0)
-    seen: dict[str, int] = {}
-    for _ in range(100):
-        async with http.get("/api/admin/stats", headers=auth_headers(unique(), "organizer")) as r:
-            stats = await r.json()
-        seen[stats["replica"]] = stats["lane"]["requests"]
-        if len(seen) >= running:
-            return sum(seen.values())
-    raise AssertionError(f"{len(seen)} of {running} replicas answered: {seen}")
+    return sum(s["lane"]["requests"] for s in await replica_stats(http, auth_headers))
 
 
 async def test_haproxy_sends_the_lanes_routes_to_the_lane(serve_url, auth_headers, make_event,

@@ -81,14 +81,15 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     or ticket type, then a buyer's `already_purchased` (the ledger's buyers: the line's
     sold counts only purchases the ledger committed first), then `sold_out`.
     """
-    get_runtime().sold_out_refusals += 1
+    rt = get_runtime()
+    rt.sold_out_refusals += 1
     if not 0 < len(user_id) <= MAX_USER_LEN:
         raise InvalidInput(f"user must be a string of 1..{MAX_USER_LEN} characters")
     types = [t["name"] for t in event["ticket_types"]]
     name = types[0] if ticket_type is None else ticket_type
     if name not in types:
         raise InvalidInput(f"unknown ticket type {name!r}")
-    if await get_runtime().has_bought(event_id, user_id):
+    if await rt.has_bought(event_id, user_id):
         raise AlreadyPurchased("you already bought tickets for this event")
     raise SoldOut(f"{name!r} is sold out")
 
