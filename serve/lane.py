@@ -42,7 +42,14 @@ from eventpulse.settings import get_settings
 from serve import fastpath
 from serve.auth import authenticate
 from serve.errors import _validation_message, error_response, from_domain, unexpected
-from serve.middleware import body_late, overloaded, streams_full, too_large
+from serve.middleware import (
+    Guard,
+    body_late,
+    overloaded,
+    replay,
+    streams_full,
+    too_large,
+)
 from serve.runtime import get_runtime
 from serve.schemas import JoinIn
 
@@ -215,15 +222,6 @@ async def _by_the_app(request: web.BaseRequest, body: bytes) -> Response:
     wording are the app's own. For a purchase that is not exactly as documented: its
     query, header and body errors come in one answer, which only FastAPI words alike."""
     app = _beneath_guard()
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
     start: dict = {}
     chunks: list[bytes] = []
 
@@ -239,7 +237,7 @@ async def _by_the_app(request: web.BaseRequest, body: bytes) -> Response:
                "raw_path": url.raw_path.encode("latin-1"),
                "query_string": url.raw_query_string.encode("latin-1"), "root_path": "",
                "headers": [(k.lower(), v) for k, v in request.raw_headers],
-               "client": None, "server": None}, receive, send)
+               "client": None, "server": None}, replay(body), send)
     response = Response(b"".join(chunks), status_code=start.get("status", 500))
     response.raw_headers = list(start.get("headers") or [])
     return response
@@ -248,7 +246,6 @@ async def _by_the_app(request: web.BaseRequest, body: bytes) -> Response:
 def _beneath_guard():
     """The FastAPI app's middleware stack below `Guard` (built as Starlette builds it)."""
     from serve.app import api  # imported here: the app imports the lane
-    from serve.middleware import Guard
 
     if api.middleware_stack is None:
         api.middleware_stack = api.build_middleware_stack()

@@ -34,6 +34,20 @@ def overloaded():
     return error_response(503, "overloaded", "too many requests in flight", 1)
 
 
+def replay(body: bytes):
+    """An ASGI `receive` that hands over a body already read, once, then a disconnect."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
 class Guard:
     """Refuses oversized bodies (413) and sheds load (503 + Retry-After) past a bound of
     requests in flight, so latency does not pile up; records per-route metrics."""
@@ -82,14 +96,7 @@ class Guard:
                 return await body_late(self.body_timeout_s)(scope, receive, send)
             if body is None:
                 return await too_large(self.max_body)(scope, receive, send)
-            sent = False
-
-            async def receive():  # noqa: F811 — replay the buffered body once
-                nonlocal sent
-                if sent:
-                    return {"type": "http.disconnect"}
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            receive = replay(body)
         if streaming and rt.sse_open >= self.max_streams:
             metrics.get("overload").inc(tags={"route": "stream"})
             return await streams_full()(scope, receive, send)
