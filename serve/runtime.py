@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 # move with it: the load generator was what made rounds slow (docs/benchmarks.md).
 # Reference counting still frees almost everything at once; only cyclic garbage waits.
 GC_THRESHOLDS = (700, 10, 100)
+KEPT_BUYER_EVENTS = 8       # sold-out events whose buyers a replica keeps (`has_bought`)
+KEPT_BUYERS_MAX = 200_000   # ...each of at most this many tickets (~20 MB of user ids)
 
 _EVENT_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 
@@ -61,9 +64,11 @@ class Runtime:
         # single-key reads made together share one MGET (on one Redis, as the counts)
         self.key_reads = None if self.settings.redis_cluster else Coalescer(
             self.settings.actor_batch_window_ms / 1000, run=self._mget)
-        # "did these users buy?" for an event: one HMGET of its buyers a window
+        # "did these users buy?" for a sold-out event: its buyers, final, read once and
+        # kept (`has_bought`); one HMGET a window for an event too large to keep
         self.buyer_reads = Coalescer(self.settings.actor_batch_window_ms / 1000,
                                      run=self._buyers)
+        self.buyers: OrderedDict[str, asyncio.Future[frozenset[str]]] = OrderedDict()
         self.purchase_waiters: dict[str, list[asyncio.Future]] = {}
         # Events whose line has sold every ticket (`sold_out_refusal`): for good, as the
         # capacity is fixed and a sale is never undone; learned from the line's availability
@@ -101,9 +106,30 @@ class Runtime:
         found = await self.redis.hmget(keys.event_buyers(key[0]), users)
         return [pid is not None for pid in found]
 
-    async def has_bought(self, event_id: str, user_id: str) -> bool:
-        """Whether the ledger holds a purchase of `user_id` for the event (its buyers)."""
-        return await self.buyer_reads.call(event_id, "buyers", user_id)
+    async def has_bought(self, event_id: str, user_id: str, tickets: int) -> bool:
+        """Whether the ledger holds a purchase of `user_id` for the event (its buyers), which
+        has sold all its `tickets`: then its buyers are final (a sale is never undone), so
+        they are read once (`HSCAN`, not to hold Redis up) and kept for the next refusals,
+        for the last `KEPT_BUYER_EVENTS` such events of at most `KEPT_BUYERS_MAX` tickets."""
+        if tickets > KEPT_BUYERS_MAX:
+            return await self.buyer_reads.call(event_id, "buyers", user_id)
+        kept = self.buyers.get(event_id)
+        if kept is None:
+            kept = self.buyers[event_id] = asyncio.ensure_future(self._all_buyers(event_id))
+            while len(self.buyers) > KEPT_BUYER_EVENTS:
+                self.buyers.popitem(last=False)
+        self.buyers.move_to_end(event_id)
+        try:
+            buyers = await asyncio.shield(kept)
+        except Exception:
+            if self.buyers.get(event_id) is kept:  # the next refusal reads them again
+                del self.buyers[event_id]
+            raise
+        return user_id in buyers
+
+    async def _all_buyers(self, event_id: str) -> frozenset[str]:
+        return frozenset([user.decode() async for user, _ in self.redis.hscan_iter(
+            keys.event_buyers(event_id), count=5000)])
 
     async def read_key(self, name: str) -> bytes | None:
         """GET `name`: on one Redis a share of one MGET with the reads made meanwhile (a
@@ -172,7 +198,7 @@ class Runtime:
         From this replica's mirror of the line while it holds the entry and has seen every
         journaled fact (`serve.mirror`), else (or not `mirrored`) from the event's actor."""
         if not (mirrored and self.settings.line_mirror):
-            return await self.coalescer.call(event_id, "view_many", user_id)
+            return await self.coalescer.call(event_id, "many", ("view_many", user_id))
         mirror = self.mirrors.get(event_id)
         if mirror is None:
             mirror = self.mirrors[event_id] = LineMirror()
@@ -188,7 +214,8 @@ class Runtime:
                 self.mirror_reads["mirror"] += 1
                 return view
         self.mirror_reads["actor"] += 1
-        feed, count, view, lane, slot = await self.coalescer.call(event_id, "read_many", user_id)
+        feed, count, view, lane, slot = await self.coalescer.call(
+            event_id, "many", ("read_many", user_id))
         mirror.keep(user_id, feed, count, view, lane, slot)
         return view
 
@@ -273,7 +300,10 @@ class Runtime:
             "requests": self.requests,
             "in_flight": self.in_flight,
             "lane": {"requests": self.lane_requests, "in_flight": self.lane_in_flight},
-            "sold_out": {"refusals": self.sold_out_refusals, "events": sorted(self.sold_out)[:100]},
+            "sold_out": {"refusals": self.sold_out_refusals, "events": sorted(self.sold_out)[:100],
+                         "buyers_kept": {e: len(f.result()) for e, f in self.buyers.items()
+                                         if f.done() and not f.cancelled()
+                                         and f.exception() is None}},
             "sse_open": self.sse_open,
             "redis_pool": stats,
             "actor_calls": {"calls": self.coalescer.calls, "items": self.coalescer.items},

@@ -224,5 +224,7 @@ async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
     before = sum(s["sold_out"]["refusals"] for s in await replica_stats(http, auth_headers))
     for _ in range(5):
         assert await answers() == expected
-    after = sum(s["sold_out"]["refusals"] for s in await replica_stats(http, auth_headers))
-    assert after - before == 15
+    stats = await replica_stats(http, auth_headers)
+    assert sum(s["sold_out"]["refusals"] for s in stats) - before == 15
+    # the sold-out event's buyers, final, were read once and kept: its one buyer
+    assert all(s["sold_out"]["buyers_kept"].get(eid) == 1 for s in stats), stats

@@ -56,6 +56,29 @@ async def test_batched_joins_give_exact_positions_and_offers(redis, queue_of):
     assert stats["live_offers"] == 3 and stats["waiting"] == 7
 
 
+async def test_one_call_carries_joins_and_reads_each_answered_as_its_own_method(redis, queue_of):
+    """`many`: what a replica coalesced for the line, of three kinds, in one actor call."""
+    eid = await new_event(redis, total=1)
+    q = queue_of(eid)
+    first, second = unique(), unique()
+    await q.join_many.remote([(first, 1, None, None)])
+    answers = await q.many.remote([
+        ("view_many", second), ("read_many", first), ("join_many", (second, 1, None, None)),
+        ("join_many", (unique(), 99, None, None)), ("view_many", first), ("view_many", unique())])
+    read_second, read_first, joined, bad, view_first, nobody = answers
+    assert joined["user_id"] == second and joined["status"] == "waiting"
+    assert joined["position"] == 1
+    # the joins go first: a read in the same call sees them
+    assert (read_second["status"], read_second["position"]) == ("waiting", 1)
+    assert isinstance(bad, InvalidInput)  # an item's own error, the others answered
+    assert view_first["status"] == "offered" and nobody is None
+    _feed, count, view, _lane, slot = read_first
+    assert view["user_id"] == first and view["status"] == "offered"
+    assert count > 0 and slot >= 0
+    with pytest.raises(Exception, match="many takes only"):
+        await q.many.remote([("leave", first)])
+
+
 async def test_bad_arguments_raise_typed_errors(redis, queue_of):
     eid = await new_event(redis)
     q = queue_of(eid)

@@ -61,8 +61,8 @@ async def join(event_id: str, body: JoinIn, p: User):
     if event_id in rt.sold_out:
         await sold_out_refusal(event_id, event, p.user_id, body.ticket_type)
     try:
-        view = await rt.coalescer.call(event_id, "join_many",
-                                       (p.user_id, body.quantity, body.ticket_type, None))
+        view = await rt.coalescer.call(event_id, "many", (
+            "join_many", (p.user_id, body.quantity, body.ticket_type, None)))
     except SoldOut:
         rt.learn_sold_out(event_id)
         raise
@@ -89,7 +89,7 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     name = types[0] if ticket_type is None else ticket_type
     if name not in types:
         raise InvalidInput(f"unknown ticket type {name!r}")
-    if await rt.has_bought(event_id, user_id):
+    if await rt.has_bought(event_id, user_id, event["total_tickets"]):
         raise AlreadyPurchased("you already bought tickets for this event")
     raise SoldOut(f"{name!r} is sold out")
 
