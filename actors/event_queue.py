@@ -18,6 +18,7 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ray
@@ -66,6 +67,22 @@ def view_dict(v: EntryView | None) -> dict[str, Any] | None:
             "eta_seconds": v.eta_seconds, "quantity": v.quantity,
             "ticket_type": v.ticket_type, "lane": v.lane, "offer": offer,
             "joined_at": v.joined_at}
+
+
+async def by_kind(items: list[tuple[str, Any]],
+                  run: Callable[[str, list[Any]], Awaitable[list[Any]]]) -> list[Any]:
+    """The answers to (method, argument) items of `MANY`, each in its item's place: one
+    `run(method, arguments)` for each kind there is, in `MANY`'s order, so the joins go
+    first and a read among the same items sees them."""
+    if any(method not in MANY for method, _ in items):
+        raise ValueError(f"many takes only {sorted(MANY)}")
+    out: list[Any] = [None] * len(items)
+    for method in MANY:
+        at = [i for i, (m, _) in enumerate(items) if m == method]
+        if at:
+            for i, answer in zip(at, await run(method, [items[i][1] for i in at])):
+                out[i] = answer
+    return out
 
 
 class EventQueue:
@@ -293,24 +310,16 @@ class EventQueue:
     async def many(self, items: list[tuple[str, Any]]) -> list[Any]:
         """A replica's coalesced joins and entry reads of this line in one call
         (`serve.batching`): each item is (method, argument) for one of `MANY`, answered as
-        that method answers it. Ray's own work for a call is most of a small call's cost
-        here, and a sale sends the three together: a call for each cost three. The joins
-        go first, so a read in the same call sees them; a kind that fails with a domain
-        error answers its own items with it, and the others are answered as usual."""
-        if any(method not in MANY for method, _ in items):
-            raise ValueError(f"many takes only {sorted(MANY)}")
-        out: list[Any] = [None] * len(items)
-        for method in MANY:
-            at = [i for i, (m, _) in enumerate(items) if m == method]
-            if not at:
-                continue
+        that method answers it (`by_kind`). Ray's own work for a call is most of a small
+        call's cost here, and a sale sends the three together: a call for each cost three.
+        A kind that fails with a domain error answers its own items with it."""
+        async def run(method: str, arguments: list[Any]) -> list[Any]:
             try:
-                answers = await getattr(self, method)([items[i][1] for i in at])
+                return await getattr(self, method)(arguments)
             except EventPulseError as e:
-                answers = [e] * len(at)
-            for i, answer in zip(at, answers):
-                out[i] = answer
-        return out
+                return [e] * len(arguments)
+
+        return await by_kind(items, run)
 
     async def view_many(self, users: list[str], touch: bool = True) -> list[dict[str, Any] | None]:
         """Entries of many users (None where absent); reading counts as being seen."""

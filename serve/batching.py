@@ -17,6 +17,7 @@ from typing import Any
 from ray.exceptions import RayError
 
 from actors.directory import call
+from actors.event_queue import by_kind
 from eventpulse.errors import Busy, EventPulseError
 
 MAX_BATCH = 2000  # a bigger batch starts at once: waiting longer buys nothing
@@ -78,7 +79,20 @@ class Coalescer:
 
 async def _actor_call(key: tuple[str, str], items: list[Any]) -> list[Any]:
     event_id, method = key
-    return await call(event_id, method, items)
+    try:
+        return await call(event_id, method, items)
+    except AttributeError:  # the actor's handle has no such method
+        if method != "many":
+            raise
+    # A line started by an earlier release has no `many`: a detached actor lives on through
+    # a deploy, until it leaves idle. Its items go as they went then, a call for each kind.
+    async def run(kind: str, arguments: list[Any]) -> list[Any]:
+        try:
+            return await call(event_id, kind, arguments)
+        except Exception as e:  # noqa: BLE001 — the kind's items get the mapped error
+            return [_mapped(e)] * len(arguments)
+
+    return await by_kind(items, run)
 
 
 async def direct(event_id: str, method: str, *args: Any) -> Any:

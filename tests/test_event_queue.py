@@ -79,6 +79,31 @@ async def test_one_call_carries_joins_and_reads_each_answered_as_its_own_method(
         await q.many.remote([("leave", first)])
 
 
+async def test_a_line_started_by_an_earlier_release_takes_the_coalesced_items_kind_by_kind(
+        redis, queue_of):
+    """A detached line actor outlives a deploy: one started before `many` existed gets a
+    replica's coalesced items as a call for each kind (`serve.batching`)."""
+    from actors.directory import _options
+    from actors.event_queue import EventQueue
+    from serve.batching import Coalescer
+
+    class Earlier(EventQueue):  # an earlier release's line: no `many`
+        many = None
+
+    eid = await new_event(redis, total=1)
+    ray.remote(Earlier).options(**_options(eid)).remote(eid)
+    assert not hasattr(queue_of(eid), "many")  # the handle of the line that runs
+    c = Coalescer(0.002)
+    user = unique()
+    joined, bad, view = await asyncio.gather(
+        c.call(eid, "many", ("join_many", (user, 1, None, None))),
+        c.call(eid, "many", ("join_many", (unique(), 99, None, None))),
+        c.call(eid, "many", ("view_many", user)), return_exceptions=True)
+    assert joined["status"] == "offered" and view["status"] == "offered"
+    assert isinstance(bad, InvalidInput)
+    assert c.calls == 1
+
+
 async def test_bad_arguments_raise_typed_errors(redis, queue_of):
     eid = await new_event(redis)
     q = queue_of(eid)
