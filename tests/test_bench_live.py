@@ -62,6 +62,7 @@ def test_joins_with_wrk_each_answer_a_new_users_join(serve_url, test_secret, cap
                  "--connections", "8", "--seconds", "1"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert run["requests"] > 0 and run["not_2xx"] == 0 and run["joins_per_s"] > 0, run
+    assert set(run["statuses"]) == {"200"} and run["statuses"]["200"] == run["requests"], run
     import httpx
 
     from eventpulse.auth import mint_token

@@ -56,6 +56,16 @@ Requests/sec:   3566.99
         wrk_rate("wrk: connection refused")
 
 
+def test_joins_reads_the_answers_statuses():
+    from bench.joins import wrk_statuses
+
+    out = "Requests/sec:   3566.99\nTransfer/sec:      1.34MB\nstatuses: 201=28581 409=3\n"
+    assert wrk_statuses(out) == {201: 28581, 409: 3}
+    assert wrk_statuses("statuses: \n") == {}
+    with pytest.raises(ValueError):
+        wrk_statuses("Requests/sec:   3566.99\n")
+
+
 def test_joins_refuses_a_target_off_this_machine(capsys):
     from bench.joins import main
 
