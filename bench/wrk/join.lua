@@ -44,4 +44,3 @@ function done(summary, latency, requests)
   table.sort(parts)
   io.write("statuses: " .. table.concat(parts, " ") .. "\n")
 end
-
