@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--floor-url", default=None,
                    help="a deployed no-op route, e.g. http://127.0.0.1:8000/noop/")
-    p.add_argument("--secret", default=None)
+    p.add_argument("--secret", default=None,
+                   help="token secret (default: the instance's; EVENTPULSE_TOKEN_SECRET). "
+                        "Write --secret=VALUE: a secret may start with '-'")
     p.add_argument("--connections", "-c", type=int, default=50)
     p.add_argument("--duration", type=float, default=10.0, help="seconds per route")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per route")

@@ -64,7 +64,9 @@ def wrk_statuses(output: str) -> dict[int, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.joins", description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--secret", default=None, help="token secret (default: the instance's)")
+    ap.add_argument("--secret", default=None,
+                    help="token secret (default: the instance's; EVENTPULSE_TOKEN_SECRET). "
+                         "Write --secret=VALUE: a secret may start with '-'")
     ap.add_argument("--users", type=int, default=40_000,
                     help="tokens minted, one per request; more than the run sends")
     ap.add_argument("--connections", type=int, default=64)

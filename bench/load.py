@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", choices=SCENARIOS)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL (loopback only)")
     p.add_argument("--secret", default=None,
-                   help="token secret (default: the dev secret from EVENTPULSE_* settings)")
+                   help="token secret (default: the instance's; EVENTPULSE_TOKEN_SECRET). "
+                        "Write --secret=VALUE: a secret may start with '-'")
     p.add_argument("--users", type=int, default=50,
                    help="virtual users (seed-mix), buyers N (flash-sale), waiters M (crowd)")
     p.add_argument("--duration", type=float, default=60.0, help="hard time bound, seconds")

@@ -58,7 +58,7 @@ def test_ramp_against_the_app_reports_its_steps(serve_url, test_secret, tmp_path
 def test_joins_with_wrk_each_answer_a_new_users_join(serve_url, test_secret, capsys):
     from bench.joins import main
 
-    assert main(["--url", serve_url, "--secret", test_secret, "--users", "20000",
+    assert main(["--url", serve_url, f"--secret={test_secret}", "--users", "20000",
                  "--connections", "8", "--seconds", "1"]) == 0
     run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert run["requests"] > 0 and run["not_2xx"] == 0 and run["joins_per_s"] > 0, run

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from bench.smoke import run_smoke
 
-SECRET = secrets.token_urlsafe(32)  # signs the tokens the fake server checks
+# Signs the tokens the fake server checks. It starts with "-", as ~1 secret in 64 does.
+SECRET = "-" + secrets.token_urlsafe(32)
 
 
 class FakeApi:
@@ -308,7 +309,7 @@ def test_max_requests_bounds_the_run(fake: tuple[str, FakeApi], tmp_path: Path) 
 def test_compare_reports_ratios(fake: tuple[str, FakeApi], tmp_path: Path) -> None:
     from bench.compare import main
     url, _ = fake
-    assert main(["--url", url, "--floor-url", url + "/noop/", "--secret", SECRET, "-c", "4",
+    assert main(["--url", url, "--floor-url", url + "/noop/", f"--secret={SECRET}", "-c", "4",
                  "--duration", "0.5", "--warmup", "0", "--users", "4",
                  "--out", str(tmp_path)]) == 0
     rep = orjson.loads((tmp_path / "compare.json").read_bytes())
