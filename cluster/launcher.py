@@ -2,7 +2,7 @@
 
 `up` starts a private Redis (AOF on) unless a Redis URL is configured, a local Ray head
 (dashboard and metrics on; token authentication on), deploys `configs/serve.yaml` with
-the HAProxy ingress, submits the purchase job, and returns once the API is ready.
+the HAProxy ingress (or Serve's own proxy, `--ingress serve`), submits the purchase job, and returns once the API is ready.
 What it started is written to `<data_dir>/launcher.json`, which `down` reads.
 """
 
@@ -58,6 +58,7 @@ class LaunchError(Exception):
 @dataclass
 class State:
     data_dir: str
+    ingress: str = "haproxy"
     redis_url: str = ""
     redis_pid: int | None = None
     ray_started: bool = False
@@ -164,8 +165,21 @@ def stop_pid(pid: int | None, timeout: float = 15) -> None:
 
 
 # Ray --------------------------------------------------------------------------------
-def ray_env(settings_env: dict[str, str], data_dir: Path | None = None) -> dict[str, str]:
+# Serve's own settings for the other ingress, its Python proxy (`up --ingress serve`).
+SERVE_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+INGRESSES = ("haproxy", "serve")
+
+
+def ray_env(settings_env: dict[str, str], data_dir: Path | None = None,
+            ingress: str = "haproxy") -> dict[str, str]:
+    """The environment of `ray start`. `ingress="serve"` keeps Serve's default Python
+    proxy: no HAProxy, so no edge cache and no lane; every request takes Serve's path."""
+    if ingress not in INGRESSES:
+        raise LaunchError(f"unknown ingress {ingress!r}: one of {', '.join(INGRESSES)}")
     env = {**os.environ, **RAY_ENV, **settings_env}
+    if ingress == "serve":
+        env.update(SERVE_PROXY_ENV)
+        data_dir = None  # no HAProxy paths
     # Streams share the node's HAProxy connections: 90 % of them, split among the most
     # replicas one machine runs (serve_config_for), the rest left for other requests.
     env.setdefault("EVENTPULSE_MAX_STREAMS",

@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -54,7 +54,11 @@ def token(user: str, role: Annotated[Optional[str], typer.Option(
 @app.command()
 def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print tokens")] = False,
        monitoring: Annotated[bool, typer.Option(help="also start a local Prometheus")] = False,
-       timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 240
+       timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 240,
+       ingress: Annotated[Literal["haproxy", "serve"], typer.Option(
+           help="haproxy: Serve's HAProxy ingress with the edge and the lane; serve: Serve's "
+                "default Python proxy, every request on Serve's path (slower; to compare, or "
+                "where HAProxy can't run)")] = "haproxy",
        ) -> None:
     """Start Redis (unless configured), Ray, the Serve app and the purchase job."""
     from cluster import launcher as L
@@ -68,7 +72,7 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
     if L.port_in_use(s.port):
         console.print(f"[red]port {s.port} is already in use[/]: set EVENTPULSE_PORT or free it")
         raise typer.Exit(1)
-    state = L.State(data_dir=str(s.data_dir))
+    state = L.State(data_dir=str(s.data_dir), ingress=ingress)
     try:
         with step("secret ready"):
             token_secret(s)
@@ -83,7 +87,7 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
                         "EVENTPULSE_PORT": str(s.port), "EVENTPULSE_HOST": s.host}
         env_settings.update({k: v for k, v in os.environ.items()
                              if k.startswith("EVENTPULSE_") and k not in env_settings})
-        env = L.ray_env(env_settings, s.data_dir)
+        env = L.ray_env(env_settings, s.data_dir, ingress)
         os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "EVENTPULSE_"))})
         if os.environ.get("RAY_ADDRESS"):
             state.ray_address = os.environ["RAY_ADDRESS"]
@@ -210,6 +214,7 @@ def status() -> None:
         alive = Path(f"/proc/{state.redis_pid}").exists()
         table.add_row("Redis", f"{state.redis_url} {'[green]up' if alive else '[red]down'}[/]")
     table.add_row("Ray", state.ray_address)
+    table.add_row("ingress", "HAProxy" if state.ingress == "haproxy" else "Serve's proxy")
     table.add_row("purchase job", state.job_id or "-")
     for k, v in state.urls.items():
         table.add_row(k, v)

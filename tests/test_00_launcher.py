@@ -100,6 +100,7 @@ def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
         assert any(j.get("submission_id", "").startswith("eventpulse-purchase-job") for j in jobs)
         status = run(["status"], env)
         assert status.returncode == 0 and "up" in status.stderr + status.stdout
+        assert "HAProxy" in status.stderr
         state = json.loads((tmp_path / "launcher.json").read_text())
     finally:
         down = run(["down"], env, timeout=300)
@@ -120,6 +121,61 @@ def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
     base = _haproxy_base(tmp_path).name
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if base in " ".join(p.info["cmdline"] or ())]
+
+
+def test_up_with_serves_own_proxy_answers_through_it_and_starts_no_haproxy(tmp_path):
+    """`up --ingress serve`: Serve's default Python proxy takes every request (no HAProxy,
+    no edge, no lane); a join and its position read answer on Serve's path."""
+    from cluster.launcher import _haproxy_base
+
+    port = free_port()
+    env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)}
+    base = _haproxy_base(tmp_path).name
+    try:
+        out = run(["up", "--demo", "--ingress", "serve"], env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        state = json.loads((tmp_path / "launcher.json").read_text())
+        assert state["ingress"] == "serve"
+        assert "Serve's proxy" in run(["status"], env).stderr
+        assert not [p for p in psutil.process_iter(["cmdline"])
+                    if "haproxy" in " ".join(p.info["cmdline"] or ())
+                    and base in " ".join(p.info["cmdline"] or ())]
+        api = f"http://127.0.0.1:{port}"
+        token = run(["token", "proxy-user"], env).stdout.strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        event_id = state["urls"]["demo event"].rsplit("/", 1)[1]
+        joined = httpx.post(f"{api}/api/events/{event_id}/queue", json={"quantity": 1},
+                            headers=auth, timeout=30)
+        assert joined.status_code in (200, 201), joined.text
+        pos = httpx.get(f"{api}/api/queue/position", params={"eventId": event_id,
+                                                             "userId": "proxy-user"},
+                        headers=auth, timeout=30)
+        assert pos.status_code == 200 and pos.json()["user_id"] == "proxy-user", pos.text
+        assert pos.json()["status"] in ("waiting", "offered"), pos.text
+        assert httpx.get(f"{api}/api/queue/position", params={"eventId": event_id,
+                                                               "userId": "proxy-user"},
+                         timeout=30).status_code == 401
+    finally:
+        down = run(["down"], env, timeout=300)
+    assert down.returncode == 0, down.stderr
+
+
+def test_an_unknown_ingress_is_refused_before_anything_starts(tmp_path):
+    out = run(["up", "--ingress", "nginx"], {"EVENTPULSE_DATA_DIR": str(tmp_path),
+                                              "EVENTPULSE_PORT": str(free_port())})
+    assert out.returncode == 2 and "haproxy" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "launcher.json").exists()
+
+
+def test_serves_own_proxy_turns_haproxy_off():
+    from cluster.launcher import LaunchError, ray_env
+
+    default, serve = ray_env({}), ray_env({}, None, "serve")
+    assert default["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert serve["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    with pytest.raises(LaunchError):
+        ray_env({}, None, "nginx")
 
 
 def _ray_auth() -> dict:
