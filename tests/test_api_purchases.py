@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -193,7 +194,7 @@ async def test_last_seats_under_concurrency_are_never_oversold(http, auth_header
 
 
 async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
-        http, auth_headers, make_event):
+        http, auth_headers, make_event, redis):
     """Once the line has sold every ticket the replicas refuse joins without asking it
     (`serve.routes.queue.sold_out_refusal`): every answer is the one the line gave."""
     event = await make_event(total_tickets=1, max_per_user=1)
@@ -228,3 +229,21 @@ async def test_joins_after_the_last_ticket_sold_get_the_lines_own_answers(
     assert sum(s["sold_out"]["refusals"] for s in stats) - before == 15
     # the sold-out event's buyers, final, were read once and kept: its one buyer
     assert all(s["sold_out"]["buyers_kept"].get(eid) == 1 for s in stats), stats
+
+    # A refusal does not count against the join rate limit: a user at the limit is told
+    # the event sold out, and their count stays, while another event's line refuses them.
+    from eventpulse import keys
+    from eventpulse.settings import get_settings
+
+    settings, fan = get_settings(), unique()
+    limit_key = keys.rate(fan, "join", int(time.time() // settings.join_rate_window_s))
+    await redis.set(limit_key, settings.join_rate_limit, ex=60)
+    for _ in range(3):
+        async with http.post(f"/api/events/{eid}/queue", json={"quantity": 1},
+                             headers=auth_headers(fan)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (409, "sold_out")
+    assert int(await redis.get(limit_key)) == settings.join_rate_limit
+    other = await make_event()
+    async with http.post(f"/api/events/{other['id']}/queue", json={"quantity": 1},
+                         headers=auth_headers(fan)) as r:
+        assert (r.status, (await r.json())["error"]["code"]) == (429, "rate_limited")

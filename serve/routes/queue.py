@@ -1,7 +1,8 @@
 """The waiting line: join, my entry (polled or pushed), leave, release.
 
 Each request makes at most one (coalesced) actor call. Redis round trips: join 1 (rate
-limit) + details on an L1 miss; the others 0 on an L1 hit.
+limit; none to refuse a join of a sold-out event) + details on an L1 miss; the others 0 on
+an L1 hit.
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ async def join(event_id: str, body: JoinIn, p: User):
         raise QueueClosed(f"event {event_id} was cancelled")
     if body.quantity > event["max_per_user"]:
         raise InvalidInput(f"quantity must be between 1 and {event['max_per_user']}")
+    if event_id in rt.sold_out:  # a refusal: no place is given, so none is counted
+        await sold_out_refusal(event_id, event, p.user_id, body.ticket_type)
     s = rt.settings
     await ratelimit.hit(rt.redis, p.user_id, "join", s.join_rate_limit, s.join_rate_window_s,
                         rt.rate_batcher)
-    if event_id in rt.sold_out:
-        await sold_out_refusal(event_id, event, p.user_id, body.ticket_type)
     try:
         view = await rt.coalescer.call(event_id, "many", (
             "join_many", (p.user_id, body.quantity, body.ticket_type, None)))
@@ -80,6 +81,12 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     join can only be refused, as `WaitingLine._join` refuses it, in its order: a bad user
     or ticket type, then a buyer's `already_purchased` (the ledger's buyers: the line's
     sold counts only purchases the ledger committed first), then `sold_out`.
+
+    It does not count against the user's join rate limit, which bounds how often one user
+    takes a place in a line; a refusal gives none. Counting it would make
+    a fan who retries a sold-out sale wait out the window before joining another event's
+    line, and it would make every refusal wait for a Redis call, when the answer itself
+    needs none.
     """
     rt = get_runtime()
     rt.sold_out_refusals += 1
