@@ -2,8 +2,9 @@
 
 `up` starts a private Redis (AOF on) unless a Redis URL is configured, a local Ray head
 (dashboard and metrics on; token authentication on), deploys `configs/serve.yaml` with
-the HAProxy ingress (or Serve's own proxy, `--ingress serve`), submits the purchase job, and returns once the API is ready.
-What it started is written to `<data_dir>/launcher.json`, which `down` reads.
+the HAProxy ingress (or Serve's own proxy, `--ingress serve`), submits the purchase job,
+and returns once the API is ready. What it started is written to
+`<data_dir>/launcher.json`, which `down` reads.
 """
 
 from __future__ import annotations
