@@ -83,10 +83,9 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     sold counts only purchases the ledger committed first), then `sold_out`.
 
     It does not count against the user's join rate limit, which bounds how often one user
-    takes a place in a line; a refusal gives none. Counting it would make
-    a fan who retries a sold-out sale wait out the window before joining another event's
-    line, and it would make every refusal wait for a Redis call, when the answer itself
-    needs none.
+    takes a place in a line; a refusal gives none. Counting it would make a fan who
+    retries a sold-out sale wait out the window before joining another event's line, and
+    it would make every refusal wait for a Redis call, when the answer itself needs none.
     """
     rt = get_runtime()
     rt.sold_out_refusals += 1
