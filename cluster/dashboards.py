@@ -24,8 +24,9 @@ from grafana_client.client import (
     GrafanaUnauthorizedError,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD_DIR = ROOT / "configs" / "grafana"
+from eventpulse.resources import config_path
+
+DASHBOARD_DIR = config_path("grafana")
 FOLDER_UID = "eventpulse"
 TOKEN_ENV = "EVENTPULSE_GRAFANA_TOKEN"
 

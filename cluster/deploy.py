@@ -128,23 +128,24 @@ def wait_serve_running(
 
 
 def default_serve_config() -> Path:
-    """``configs/serve.yaml`` of this checkout, of the installed project, or on the cluster.
+    """``configs/serve.yaml`` of the installed project, or of the project on the cluster.
 
     ``ray submit`` copies this file alone to the head's home directory, so the path next
-    to it is not enough there.
+    to it is not enough there: the installed project's package data is looked up first.
     """
-    candidates = [Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"]
-    spec = importlib.util.find_spec("cluster")
-    if spec is not None and spec.origin:
-        candidates.append(Path(spec.origin).resolve().parents[1] / "configs" / "serve.yaml")
-    candidates.append(CLUSTER_PROJECT_DIR / "configs" / "serve.yaml")
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        "configs/serve.yaml not found; pass --config. Looked in: "
-        + ", ".join(str(p) for p in candidates)
-    )
+    candidates = []
+    if importlib.util.find_spec("configs") is not None:
+        from eventpulse.resources import config_path
+
+        try:
+            return config_path("serve.yaml")
+        except FileNotFoundError as e:
+            candidates.append(str(e))
+    path = CLUSTER_PROJECT_DIR / "configs" / "serve.yaml"
+    if path.is_file():
+        return path
+    raise FileNotFoundError("configs/serve.yaml not found; pass --config. Looked in: "
+                            + ", ".join([*candidates, str(path)]))
 
 
 # --- purchase job -----------------------------------------------------------------------

@@ -43,6 +43,12 @@ The edits:
   so the lane only reads the claims (`eventpulse.auth.vouched_principal`): PyJWT spent
   ~100 µs of replica CPU on each token it had not seen, a join's first. Those headers are
   removed from every request a client sends.
+
+The edits are written against Serve 2.60's template (`ray/serve/_private/
+haproxy_templates.py`). When the installed Serve's config lacks what they anchor on,
+`edit` raises `TemplateChanged` and the wrapper exits with its message instead of starting
+HAProxy on a config with only some of the edits (`tests/test_haproxy_template.py` runs
+them on the installed Serve's own template).
 """
 
 from __future__ import annotations
@@ -60,6 +66,24 @@ SECRET_ENV = "EP_EDGE_SECRET"   # how the verified secret reaches HAProxy (never
 PROOF_ENV = "EP_EDGE_PROOF"     # what HAProxy sends the lane beside a token it verified
 EDGE_CACHE = "ep_edge"
 EDGE_TTL_S = 1                  # the shortest max-age the app gives these reads
+
+SERVE_SERIES = "2.60"           # the Serve whose HAProxy template these edits are made for
+SERVE_PIN = "ray[serve]>=2.60,<2.61"
+
+
+class TemplateChanged(RuntimeError):
+    """Serve's HAProxy config lacks something `edit` needs: the installed Ray Serve writes
+    it from another template than the one the edits were written for."""
+
+
+def _changed(problem: str) -> TemplateChanged:
+    import ray
+
+    return TemplateChanged(
+        f"Serve's HAProxy config has {problem}, so Event-Pulse's edits (cluster/haproxy.py) "
+        f"cannot be applied: they were written for Ray Serve {SERVE_SERIES}'s template, and "
+        f"the installed Ray Serve is {ray.__version__}. Install {SERVE_PIN!r} (or update "
+        f"the edits for this template).")
 
 # no client may claim HAProxy verified its token (`serve.auth.authenticate_vouched`)
 _STRIP = ("    # Event-Pulse edge: only HAProxy says which tokens it verified\n"
@@ -145,7 +169,16 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
          keep_logs: bool = False) -> str:
     """Serve's HAProxy config with Event-Pulse's edits (module docstring); `edge` False
     leaves out the cached reads (no secret to verify callers with), `lane_port` 0 the lane,
-    `keep_logs` keeps the access log (Serve's HAProxy metrics are on)."""
+    `keep_logs` keeps the access log (Serve's HAProxy metrics are on).
+
+    Raises `TemplateChanged` when the config lacks what Serve 2.60 always writes and the
+    edits hang on: `frontend http_frontend`, a `use_backend`/`default_backend` line in it
+    (`default_backend default_backend` is always there), `errorfile 503` (Serve always
+    writes its 500 page), or one app backend `http-<app>` when there are several. No app
+    backend is no error: Serve starts HAProxy before any app is deployed, and the edits
+    that need one come with the reload that adds it. Nor is an app backend without
+    `server` lines (the app has no running ingress replica and no fallback proxy is
+    healthy): no request goes to it, so no token needs putting back before one."""
     dropped = r"\s*(option splice-|option httplog|option log-health-checks|log )" \
         if not keep_logs else r"\s*option splice-"
     if "# Event-Pulse edge" in config:
@@ -153,8 +186,12 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
     lines = [line for line in config.splitlines(keepends=True) if not re.match(dropped, line)]
     out: list[str] = []
     section = ""
-    backend = _app_backend(lines)
-    inserted = restore_done = False
+    backends = _app_backends(lines)
+    if len(backends) > 1:
+        raise _changed(f"{len(backends)} `http-` app backends ({', '.join(backends)}), "
+                       "not one")
+    backend = backends[0] if backends else None
+    inserted = restore_done = frontend = routed = errorfile_503 = False
     for line in lines:
         head = line.split()
         if line[:1].strip() and head:          # a section starts at column 0
@@ -162,9 +199,12 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
         m = re.match(r"(\s*errorfile 50[234]) ", line)
         if m:
             line = f"{m.group(1)} {unavailable}\n"
+            errorfile_503 = errorfile_503 or m.group(1).endswith("503")
         in_frontend = section == "frontend http_frontend"
-        if in_frontend and backend and not inserted and re.match(
-                r"\s*(use_backend|default_backend)\b", line):
+        frontend = frontend or in_frontend
+        is_route = in_frontend and re.match(r"\s*(use_backend|default_backend)\b", line)
+        routed = routed or bool(is_route)
+        if is_route and backend and not inserted:
             out.append(_STRIP)
             out.append(_HEALTH.format(backend=backend))
             if edge:
@@ -179,6 +219,12 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
             out.append(_RESTORE)
             restore_done = True
         out.append(line)
+    if not frontend:
+        raise _changed("no `frontend http_frontend` section")
+    if not routed:
+        raise _changed("no `use_backend`/`default_backend` line in `frontend http_frontend`")
+    if not errorfile_503:
+        raise _changed("no `errorfile 503` line")
     text = "".join(out)
     if edge and inserted:
         text = text.rstrip("\n") + "\n" + _CACHE
@@ -188,22 +234,22 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
     return text
 
 
-def _app_backend(lines: list[str]) -> str | None:
-    """The backend Serve made for the app (`http-<app name>`), if there is exactly one."""
-    names = [line.split()[1] for line in lines
-             if line.startswith("backend ") and line.split()[1].startswith("http-")]
-    return names[0] if len(names) == 1 else None
+def _app_backends(lines: list[str]) -> list[str]:
+    """The backends Serve made for apps (`http-<app name>`): none before the app is
+    deployed, one after."""
+    return [line.split()[1] for line in lines
+            if line.startswith("backend ") and line.split()[1].startswith("http-")]
 
 
 def edge_secret() -> str | None:
     """The secret the app verifies tokens with, if one exists yet (never creates one)."""
+    from eventpulse.auth import NoSecret, token_secret
     from eventpulse.settings import get_settings
 
-    settings = get_settings()
-    if settings.token_secret is not None:
-        return settings.token_secret.get_secret_value() or None
-    path = Path(settings.data_dir).resolve() / "token_secret"
-    return (path.read_text().strip() or None) if path.exists() else None
+    try:
+        return token_secret(get_settings()) or None
+    except NoSecret:
+        return None
 
 
 _WRAPPER = """#!/bin/sh
@@ -267,10 +313,14 @@ def main(argv: list[str]) -> None:
         source = Path(args[i])
         secret = edge_secret()
         edited = source.with_name(source.name + ".ep")
-        edited.write_text(edit(source.read_text(), unavailable=unavailable,
-                               edge=secret is not None, lane_port=lane_port(),
-                               keep_logs=os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED",
-                                                        "1").lower() not in ("0", "false")))
+        try:
+            text = edit(source.read_text(), unavailable=unavailable, edge=secret is not None,
+                        lane_port=lane_port(),
+                        keep_logs=os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED",
+                                                 "1").lower() not in ("0", "false"))
+        except TemplateChanged as e:  # not HAProxy on a half-edited config: Serve logs this
+            sys.exit(f"cluster.haproxy: {e}")
+        edited.write_text(text)
         args[i] = str(edited)
         if secret is not None:
             from eventpulse.auth import edge_proof

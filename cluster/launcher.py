@@ -1,10 +1,11 @@
 """The local launcher behind `eventpulse up | down | status`.
 
 `up` starts a private Redis (AOF on) unless a Redis URL is configured, a local Ray head
-(dashboard and metrics on; token authentication on), deploys `configs/serve.yaml` with
-the HAProxy ingress (or Serve's own proxy, `--ingress serve`), submits the purchase job,
-and returns once the API is ready. What it started is written to
-`<data_dir>/launcher.json`, which `down` reads.
+(dashboard and metrics on; token authentication on, with a token of the instance's own),
+deploys `configs/serve.yaml` with the HAProxy ingress (or Serve's own proxy, `--ingress
+serve`), submits the purchase job, and returns once the API is ready. What it started is
+written to `<data_dir>/launcher.json` before each step, so `down` — and `up` itself when
+a step fails — stops exactly that (`teardown`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any, Callable
 import httpx
 import yaml
 
-from eventpulse.settings import Settings
+from eventpulse.resources import config_path
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
+SERVE_CONFIG = config_path("serve.yaml")
+RAY_TOKEN_FILE = "ray_auth_token"
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
 
@@ -81,6 +82,46 @@ class State:
     def load(cls, data_dir: Path) -> "State | None":
         p = cls.path(data_dir)
         return cls(**json.loads(p.read_text())) if p.exists() else None
+
+
+def teardown(state: State, on_step: Callable[[str], Any] | None = None) -> None:
+    """Stop everything `state` records, in the reverse order of `up`, and forget it.
+
+    Safe on a half-started instance: each part is stopped only if it was recorded as
+    started, and a part that is gone already is skipped. `on_step(name)` is told each
+    part as it stops (the CLI shows progress with it).
+    """
+    data_dir = Path(state.data_dir)
+    note = on_step or (lambda name: None)
+    if state.prometheus_pid:
+        note("Prometheus")
+        stop_pid(state.prometheus_pid)
+    if state.ray_started and state.gcs_port:
+        note("Ray (the Serve app and the purchase job with it)")
+        stop_ray(state.gcs_port)
+    stop_haproxy(data_dir)
+    if state.redis_pid:
+        note("Redis")
+        stop_pid(state.redis_pid)
+    State.path(data_dir).unlink(missing_ok=True)
+
+
+def ray_token(data_dir: Path) -> Path:
+    """The instance's own Ray auth token file, made once (mode 0600).
+
+    Ray 2.60 with `RAY_AUTH_MODE=token` refuses to start a head that finds no token, and
+    its clients present the token only from `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or
+    `~/.ray/auth_token`. The launcher hands this file to Ray and to every client it
+    starts through `RAY_AUTH_TOKEN_PATH` (`ray_env`), so nothing depends on `~/.ray`.
+    """
+    path = data_dir.resolve() / RAY_TOKEN_FILE
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes
+    return path
 
 
 # Ports Ray takes by default on every node (dashboard agent's HTTP and gRPC, runtime-env
@@ -178,6 +219,8 @@ def ray_env(settings_env: dict[str, str], data_dir: Path | None = None,
     if ingress not in INGRESSES:
         raise LaunchError(f"unknown ingress {ingress!r}: one of {', '.join(INGRESSES)}")
     env = {**os.environ, **RAY_ENV, **settings_env}
+    if data_dir is not None:
+        env["RAY_AUTH_TOKEN_PATH"] = str(ray_token(data_dir))
     if ingress == "serve":
         env.update(SERVE_PROXY_ENV)
         data_dir = None  # no HAProxy paths
@@ -194,12 +237,13 @@ def ray_env(settings_env: dict[str, str], data_dir: Path | None = None,
     return env
 
 
-def start_ray(env: dict[str, str], data_dir: Path) -> int:
+def start_ray(env: dict[str, str], gcs_port: int) -> None:
+    """`ray start --head` with its GCS on `gcs_port` (chosen by the caller and recorded
+    first, so a head that half-started is still found and stopped by `teardown`)."""
     ray_bin = Path(sys.executable).parent / "ray"
     if port_in_use(DASHBOARD_PORT):
         raise LaunchError(f"port {DASHBOARD_PORT} (Ray dashboard) is already in use: is another "
                           "Ray running? Stop it with `ray stop` or `eventpulse down`")
-    gcs_port = free_port()
     cmd = [str(ray_bin), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={DASHBOARD_PORT}", f"--metrics-export-port={METRICS_PORT}",
            f"--dashboard-agent-listen-port={free_port()}",
@@ -208,7 +252,6 @@ def start_ray(env: dict[str, str], data_dir: Path) -> int:
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise LaunchError(f"Ray could not start:\n{tail}")
-    return gcs_port
 
 
 def stop_ray(gcs_port: int, timeout: float = 20) -> int:

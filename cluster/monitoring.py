@@ -5,7 +5,7 @@ the scrape config is rewritten into the data dir so that its file_sd entry names
 running Ray session's discovery file, and `alerts.yml` is copied next to it. Ray 2.60
 writes the discovery file into the session directory
 (`<session_dir>/prom_metrics_service_discovery.json`) and keeps a symlink to it at
-`/tmp/ray/prom_metrics_service_discovery.json`.
+`<Ray's temp root>/ray/prom_metrics_service_discovery.json`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs" / "prometheus"
+from eventpulse.resources import config_path
+
+CONFIG_DIR = config_path("prometheus")
 DISCOVERY_FILE_NAME = "prom_metrics_service_discovery.json"  # ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
-LEGACY_DISCOVERY_FILE = Path("/tmp/ray") / DISCOVERY_FILE_NAME
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 _CHILDREN: dict[int, subprocess.Popen] = {}  # started by this process, so we can reap them
 
@@ -63,12 +63,14 @@ def discovery_file(ray_session_dir: str | os.PathLike | None = None) -> Path:
     """The Ray metrics service-discovery file to scrape from.
 
     The session directory's own file when a session dir is given (Ray may still be
-    about to write it: Prometheus picks it up when it appears), else the symlink Ray
-    keeps at /tmp/ray.
+    about to write it: Prometheus picks it up when it appears), else the one Ray keeps
+    in its temporary root (`/tmp/ray`, or under `RAY_TMPDIR`/`TMPDIR` when set).
     """
     if ray_session_dir is not None:
         return Path(ray_session_dir) / DISCOVERY_FILE_NAME
-    return LEGACY_DISCOVERY_FILE
+    from ray._common.utils import get_default_system_temp_dir
+
+    return Path(get_default_system_temp_dir()) / "ray" / DISCOVERY_FILE_NAME
 
 
 def write_config(data_dir: Path, config_dir: Path, sd_file: Path) -> Path:
@@ -239,7 +241,7 @@ def _reap(pid: int, block: bool = False) -> bool:
 
 
 # ---------------------------------------------------------------- PromQL inventory
-DASHBOARD_DIR = ROOT / "configs" / "grafana"
+DASHBOARD_DIR = config_path("grafana")
 
 
 def dashboard_expressions(directory: str | os.PathLike = DASHBOARD_DIR) -> list[tuple[str, str]]:

@@ -40,17 +40,30 @@ class Principal:
         return "organizer" in self.roles or "admin" in self.roles
 
 
-def token_secret(settings: Settings) -> str:
-    """The configured secret, or in development a random one kept in the data directory.
+class NoSecret(Exception):
+    """No token secret is configured and no instance has made one."""
+
+
+SECRET_FILE = "token_secret"
+
+
+def token_secret(settings: Settings, *, create: bool = False) -> str:
+    """The configured secret, or in development the random one kept in the data directory.
 
     Keeping it on disk lets `eventpulse token` and the running app agree without the
-    secret ever appearing in code or logs.
+    secret ever appearing in code or logs. Only `eventpulse up` passes `create=True`:
+    anything else that finds no secret raises `NoSecret`, instead of minting tokens with
+    a secret of its own that the running instance would refuse.
     """
     if settings.token_secret is not None:
         return settings.token_secret.get_secret_value()
-    path = Path(settings.data_dir).resolve() / "token_secret"
+    path = Path(settings.data_dir).resolve() / SECRET_FILE
     if path.exists():
         return path.read_text().strip()
+    if not create:
+        raise NoSecret(f"no token secret in {path.parent}: start an instance there with "
+                       "`eventpulse up` (or pass --data-dir / EVENTPULSE_DATA_DIR naming "
+                       "the instance's), or set EVENTPULSE_TOKEN_SECRET")
     path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(48)
     path.touch(mode=0o600)

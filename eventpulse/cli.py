@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from eventpulse.auth import mint_token, token_secret
+from eventpulse.auth import NoSecret, mint_token, token_secret
 from eventpulse.settings import Settings
 
 app = typer.Typer(help="Event-Pulse: a fair, exact and fast ticket-sale waiting room on Ray.",
@@ -32,12 +32,28 @@ def _settings() -> Settings:
     return s
 
 
+@app.callback()
+def _options(data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="the instance's data directory (default: EVENTPULSE_DATA_DIR, "
+        "else ./.eventpulse if there is one, else the user's state directory)",
+        file_okay=False)] = None) -> None:
+    if data_dir is not None:  # every Settings() of this process and of what it starts
+        os.environ["EVENTPULSE_DATA_DIR"] = str(data_dir.resolve())
+
+
 @contextmanager
 def step(name: str) -> Iterator[None]:
     started = time.monotonic()
     with console.status(f"{name}…"):
         yield
     console.print(f"[green]✓[/] {name} [dim]({time.monotonic() - started:.1f} s)[/]")
+
+
+def _no_instance(s: Settings, what: str) -> typer.Exit:
+    console.print(f"[red]{what}:[/] no Event-Pulse instance in {s.data_dir} — start one with "
+                  "`eventpulse up`, or name its data directory with --data-dir or "
+                  "EVENTPULSE_DATA_DIR")
+    return typer.Exit(1)
 
 
 @app.command()
@@ -48,7 +64,11 @@ def token(user: str, role: Annotated[Optional[str], typer.Option(
         console.print("[red]--role must be organizer or admin[/]")
         raise typer.Exit(2)
     s = _settings()
-    print(mint_token(user, [role] if role else [], secret=token_secret(s), ttl_s=s.token_ttl_s))
+    try:
+        secret = token_secret(s)
+    except NoSecret:
+        raise _no_instance(s, "no token secret") from None
+    print(mint_token(user, [role] if role else [], secret=secret, ttl_s=s.token_ttl_s))
 
 
 @app.command()
@@ -60,8 +80,12 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
                 "default Python proxy, every request on Serve's path (slower; to compare, or "
                 "where HAProxy can't run)")] = "haproxy",
        ) -> None:
-    """Start Redis (unless configured), Ray, the Serve app and the purchase job."""
+    """Start Redis (unless configured), Ray, the Serve app and the purchase job.
+
+    If any step fails (or is interrupted), everything started before it is stopped again
+    before `up` exits non-zero with the reason."""
     from cluster import launcher as L
+    from cluster.demo import DemoError
 
     s = _settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
@@ -69,71 +93,93 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
     if prior is not None and prior.api_url and L.port_in_use(s.port):
         console.print(f"[yellow]already running[/] at {prior.api_url} (`eventpulse down` stops it)")
         raise typer.Exit(0)
+    if prior is not None:  # an instance that died or never finished starting
+        with step("stopped what an earlier `up` left behind"):
+            L.teardown(prior)
     if L.port_in_use(s.port):
         console.print(f"[red]port {s.port} is already in use[/]: set EVENTPULSE_PORT or free it")
         raise typer.Exit(1)
     state = L.State(data_dir=str(s.data_dir), ingress=ingress)
     try:
-        with step("secret ready"):
-            token_secret(s)
-        if s.redis_url == "embedded":
-            with step("Redis started (AOF on)"):
-                state.redis_url, state.redis_pid = L.start_redis(s.data_dir, s.redis_port)
-            state.save()
-        else:
-            state.redis_url = s.redis_url
-        env_settings = {"EVENTPULSE_REDIS_URL": state.redis_url,
-                        "EVENTPULSE_DATA_DIR": str(s.data_dir.resolve()),  # workers run elsewhere
-                        "EVENTPULSE_PORT": str(s.port), "EVENTPULSE_HOST": s.host}
-        env_settings.update({k: v for k, v in os.environ.items()
-                             if k.startswith("EVENTPULSE_") and k not in env_settings})
-        env = L.ray_env(env_settings, s.data_dir, ingress)
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "EVENTPULSE_"))})
-        if os.environ.get("RAY_ADDRESS"):
-            state.ray_address = os.environ["RAY_ADDRESS"]
-        else:
-            with step("Ray head started"):
-                state.gcs_port = L.start_ray(env, s.data_dir)
-            state.ray_started = True
-            from ray._private.services import get_node_ip_address
-
-            state.ray_address = f"{get_node_ip_address()}:{state.gcs_port}"
-        state.save()
-        dashboard = f"http://127.0.0.1:{L.DASHBOARD_PORT}"
-        with step("Serve application deployed"):
-            from cluster.deploy import deploy_serve, wait_serve_running
-
-            names = deploy_serve(dashboard, L.serve_config_for(s.host, s.port, s.data_dir))
-            wait_serve_running(dashboard, names, timeout)
-        state.api_url = f"http://{s.host}:{s.port}"
-        state.save()
-        with step("API ready"):
-            L.wait_http(state.api_url + "/readyz", timeout)
-        with step("purchase job submitted"):
-            from ray.job_submission import JobSubmissionClient
-
-            from cluster.deploy import ensure_purchase_job
-
-            state.job_id = ensure_purchase_job(JobSubmissionClient(dashboard),
-                                               f"{sys.executable} -m cluster.purchase_job",
-                                               env_settings)
-        state.save()
-        if monitoring:
-            with step("Prometheus started"):
-                from cluster.monitoring import start_prometheus
-
-                prom = start_prometheus(s.data_dir / "prometheus", 9090)
-                state.prometheus_pid = getattr(prom, "pid", None)
-                state.urls["prometheus"] = "http://127.0.0.1:9090"
-            state.save()
-    except L.LaunchError as e:
-        console.print(f"[red]cannot start:[/] {escape(str(e))}")
-        state.save()
-        raise typer.Exit(1) from None
+        _start(s, state, L, monitoring=monitoring, timeout=timeout, demo=demo)
+    except (L.LaunchError, DemoError) as e:
+        reason = str(e)
+    except KeyboardInterrupt:
+        reason = "interrupted"
     except Exception as e:  # noqa: BLE001 — one clear line; details are in the logs
-        console.print(f"[red]cannot start:[/] {type(e).__name__}: {escape(str(e))}")
+        reason = f"{type(e).__name__}: {e}"
+    else:
+        reason = None
+    if reason is not None:
+        console.print(f"[red]cannot start:[/] {escape(reason)}")
+        with step("stopped what was started"):
+            L.teardown(state)
+        raise typer.Exit(1)
+    table = Table(title="Event-Pulse is up", show_header=False)
+    for k, v in state.urls.items():
+        table.add_row(k, v)
+    console.print(table)
+    console.print(f"data directory: {s.data_dir}")
+    console.print("stop everything with [bold]eventpulse down[/]")
+
+
+def _start(s: Settings, state, L, *, monitoring: bool, timeout: float, demo: bool) -> None:
+    """`up`'s steps, each recorded in `state` (saved) before it starts."""
+    with step("secrets ready"):
+        token_secret(s, create=True)
+        L.ray_token(s.data_dir)
+    if s.redis_url == "embedded":
+        with step("Redis started (AOF on)"):
+            state.redis_url, state.redis_pid = L.start_redis(s.data_dir, s.redis_port)
         state.save()
-        raise typer.Exit(1) from None
+    else:
+        state.redis_url = s.redis_url
+    env_settings = {"EVENTPULSE_REDIS_URL": state.redis_url,
+                    "EVENTPULSE_DATA_DIR": str(s.data_dir),  # workers run elsewhere
+                    "EVENTPULSE_PORT": str(s.port), "EVENTPULSE_HOST": s.host}
+    env_settings.update({k: v for k, v in os.environ.items()
+                         if k.startswith("EVENTPULSE_") and k not in env_settings})
+    env = L.ray_env(env_settings, s.data_dir, state.ingress)
+    # this process's own Ray clients (Serve deploy, job submission) use the same token
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "EVENTPULSE_"))})
+    if os.environ.get("RAY_ADDRESS"):
+        state.ray_address = os.environ["RAY_ADDRESS"]
+    else:
+        state.gcs_port, state.ray_started = L.free_port(), True
+        state.save()
+        with step("Ray head started"):
+            L.start_ray(env, state.gcs_port)
+        from ray._private.services import get_node_ip_address
+
+        state.ray_address = f"{get_node_ip_address()}:{state.gcs_port}"
+    state.save()
+    dashboard = f"http://127.0.0.1:{L.DASHBOARD_PORT}"
+    with step("Serve application deployed"):
+        from cluster.deploy import deploy_serve, wait_serve_running
+
+        names = deploy_serve(dashboard, L.serve_config_for(s.host, s.port, s.data_dir))
+        wait_serve_running(dashboard, names, timeout)
+    state.api_url = f"http://{s.host}:{s.port}"
+    state.save()
+    with step("API ready"):
+        L.wait_http(state.api_url + "/readyz", timeout)
+    with step("purchase job submitted"):
+        from ray.job_submission import JobSubmissionClient
+
+        from cluster.deploy import ensure_purchase_job
+
+        state.job_id = ensure_purchase_job(JobSubmissionClient(dashboard),
+                                           f"{sys.executable} -m cluster.purchase_job",
+                                           env_settings)
+    state.save()
+    if monitoring:
+        from cluster.monitoring import start_prometheus
+
+        with step("Prometheus started"):
+            prom = start_prometheus(s.data_dir / "prometheus", 9090)
+            state.prometheus_pid = getattr(prom, "pid", None)
+        state.urls["prometheus"] = "http://127.0.0.1:9090"
+        state.save()
     state.urls.update({"API": state.api_url, "OpenAPI docs": state.api_url + "/docs",
                        "Ray dashboard": dashboard,
                        "metrics": f"http://127.0.0.1:{L.METRICS_PORT}/metrics",
@@ -141,60 +187,36 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
     state.save()
     if demo:
         _seed_demo(s, state)
-    table = Table(title="Event-Pulse is up", show_header=False)
-    for k, v in state.urls.items():
-        table.add_row(k, v)
-    console.print(table)
-    console.print("stop everything with [bold]eventpulse down[/]")
 
 
 def _seed_demo(s: Settings, state) -> None:
-    import httpx
+    from cluster.demo import seed
 
-    secret = token_secret(s)
-    org = mint_token("demo-organizer", ["organizer"], secret=secret, ttl_s=s.token_ttl_s)
-    user = mint_token("demo-user", [], secret=secret, ttl_s=s.token_ttl_s)
-    with step("demo event seeded"):
-        r = httpx.post(state.api_url + "/api/events", headers={"Authorization": f"Bearer {org}"},
-                       json={"name": "Demo Night", "description": "A demo event",
-                             "location": "Main Hall", "event_date": "2027-06-01T20:00:00Z",
-                             "price": 49.0, "total_tickets": 100, "max_per_user": 4},
-                       timeout=30)
-        r.raise_for_status()
-        event_id = r.json()["id"]
-        httpx.post(f"{state.api_url}/api/events/{event_id}/queue", json={"quantity": 2},
-                   headers={"Authorization": f"Bearer {user}"}, timeout=30).raise_for_status()
-    state.urls["demo event"] = f"{state.api_url}/api/events/{event_id}"
-    state.urls["waiting room"] = f"{state.api_url}/events/{event_id}/waiting-room"
+    with step("demo event ready"):
+        demo = seed(state.api_url, token_secret(s), s.data_dir, s.token_ttl_s)
+    if not demo.joined:
+        console.print("[dim]the demo user keeps their place in the demo line[/]")
+    state.urls["demo event"] = f"{state.api_url}/api/events/{demo.event_id}"
+    state.urls["waiting room"] = f"{state.api_url}/events/{demo.event_id}/waiting-room"
     state.save()
     # Plain prints: tokens must stay on one line to be copied.
-    print(f"demo user token:      {user}", file=sys.stderr)
-    print(f"demo organizer token: {org}", file=sys.stderr)
-    print(f"waiting room:         {state.api_url}/events/{event_id}/waiting-room?token={user}",
+    print(f"demo user token:      {demo.user_token}", file=sys.stderr)
+    print(f"demo organizer token: {demo.organizer_token}", file=sys.stderr)
+    print(f"waiting room:         {state.urls['waiting room']}?token={demo.user_token}",
           file=sys.stderr)
 
 
 @app.command()
 def down() -> None:
-    """Stop what `up` started (safe to run twice)."""
+    """Stop what `up` started; with nothing running, say so and exit 1."""
     from cluster import launcher as L
 
     s = _settings()
     state = L.State.load(s.data_dir)
     if state is None:
-        console.print("nothing to stop")
-        return
-    if state.prometheus_pid:
-        with step("Prometheus stopped"):
-            L.stop_pid(state.prometheus_pid)
-    if state.ray_started:
-        with step("Ray stopped (Serve app and purchase job with it)"):
-            L.stop_ray(state.gcs_port)
-            L.stop_haproxy(s.data_dir)
-    if state.redis_pid:
-        with step("Redis stopped"):
-            L.stop_pid(state.redis_pid)
-    L.State.path(s.data_dir).unlink(missing_ok=True)
+        raise _no_instance(s, "nothing to stop")
+    L.teardown(state, on_step=lambda name: console.print(f"[green]✓[/] stopping {name}"))
+    console.print("[green]✓[/] stopped")
 
 
 @app.command()
@@ -205,8 +227,7 @@ def status() -> None:
     s = _settings()
     state = L.State.load(s.data_dir)
     if state is None:
-        console.print("not running (no launcher state)")
-        raise typer.Exit(1)
+        raise _no_instance(s, "not running")
     table = Table(title="Event-Pulse", show_header=False)
     api_ok = L.port_in_use(s.port)
     table.add_row("API", f"{state.api_url} {'[green]up' if api_ok else '[red]down'}[/]")
@@ -216,6 +237,7 @@ def status() -> None:
     table.add_row("Ray", state.ray_address)
     table.add_row("ingress", "HAProxy" if state.ingress == "haproxy" else "Serve's proxy")
     table.add_row("purchase job", state.job_id or "-")
+    table.add_row("data directory", str(s.data_dir))
     for k, v in state.urls.items():
         table.add_row(k, v)
     console.print(table)

@@ -13,13 +13,42 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from eventpulse.settings import Settings, get_settings
+
+REDIS_PIN = "redis>=8.1,<8.2"  # the series whose internals are read below (pyproject.toml)
+
+
+class RedisInternalsChanged(RuntimeError):
+    """The installed redis-py lacks an internal this module reads."""
+
+
+def check_internals() -> None:
+    """Fail at import, naming what is missing, if redis-py's internals that `pool_stats`
+    and the cluster classes below read have moved, instead of answering wrong counts or
+    failing mid-request. Builds the objects without any I/O (~8 ms)."""
+    import redis
+
+    cluster = RedisCluster(host="127.0.0.1", port=1)
+    wanted = [(aioredis.BlockingConnectionPool(max_connections=1),
+               ("_in_use_connections", "_available_connections", "max_connections")),
+              (ClusterNode("127.0.0.1", 1), ("_connections", "_free", "max_connections")),
+              (cluster, ("_initialize", "get_nodes", "initialize")),
+              (ClusterPipeline(cluster), ("cluster_client", "execute_command", "execute"))]
+    missing = [f"{type(obj).__name__}.{name}" for obj, names in wanted for name in names
+               if not hasattr(obj, name)]
+    if missing:
+        raise RedisInternalsChanged(
+            f"redis-py {redis.__version__} has no {', '.join(missing)}: eventpulse/redis.py "
+            f"reads them and was written for {REDIS_PIN!r}; install that series")
+
+
+check_internals()
 
 
 class WaitingRedisCluster(RedisCluster):

@@ -10,8 +10,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LEGACY_DATA_DIR = Path(".eventpulse")
+
+
+def default_data_dir(cwd: Path | None = None) -> Path:
+    """Where an instance keeps its state when no data directory is configured.
+
+    A `./.eventpulse` kept in the working directory (the default of earlier releases)
+    still wins; otherwise the user's state directory (`~/.local/state/eventpulse` on
+    Linux), so the CLI finds the instance from any directory.
+    """
+    legacy = (cwd or Path.cwd()) / LEGACY_DATA_DIR
+    if legacy.is_dir():
+        return legacy.resolve()
+    return platformdirs.user_state_path("eventpulse")
 
 
 class Settings(BaseSettings):
@@ -23,8 +39,9 @@ class Settings(BaseSettings):
         description="production refuses to start without an explicit token secret.",
     )
     data_dir: Path = Field(
-        Path(".eventpulse"),
-        description="Embedded Redis data (AOF), launcher state and logs live here.",
+        default_factory=default_data_dir,
+        description="Embedded Redis data (AOF), launcher state, secrets and logs live here "
+        "(`default_data_dir`; the CLI's `--data-dir` sets it too).",
     )
 
     # Redis -----------------------------------------------------------------------

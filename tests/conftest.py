@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -173,12 +174,21 @@ def app_env(redis_server: RedisServer | RedisClusterServers, workdir: Path, test
         "EVENTPULSE_REDIS_CLUSTER": "1" if CLUSTER else "0",
         "EVENTPULSE_LANE_PORT": str(free_port()),  # the lane's routes take it (serve/lane.py)
     }
-    from cluster.launcher import RAY_ENV, haproxy_env
+    from cluster.launcher import RAY_ENV, haproxy_env, ray_token
 
     env.update({k: v for k, v in RAY_ENV.items() if k.startswith("RAY_SERVE_")})
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray's token authentication on, as `eventpulse up` runs it, with a token of the
+    # session's own: `ray.init` would otherwise make one in ~/.ray and leave it there.
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(ray_token(workdir))
     env.update(haproxy_env(workdir))
     os.environ.update(env)
+    if "ray._raylet" in sys.modules:  # Ray read its config (auth mode, token) already
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
     from eventpulse.settings import get_settings
 
     get_settings.cache_clear()

@@ -1,6 +1,9 @@
 """`eventpulse up | down | status | token` as a new user runs them.
 
-Runs first (file name) so the full `up` starts its own Ray before the session's Ray.
+Every command runs with a `HOME` of its own (nothing in `~` from before, no `~/.ray`) and
+from a directory of its own, so nothing the project silently takes from this machine or
+from the checkout is hidden. Runs first (file name) so the full `up` starts its own Ray
+before the session's Ray.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -21,27 +25,84 @@ from tests.conftest import free_port
 BIN = Path(sys.executable).parent / "eventpulse"
 
 
-def run(args, env_extra, timeout=400):
+@pytest.fixture
+def home(tmp_path_factory) -> Path:
+    """A fresh, empty HOME."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture
+def elsewhere(tmp_path_factory) -> Path:
+    """A working directory that is neither the checkout nor the data directory."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+def run(args, env_extra, timeout=400, *, home=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTPULSE_", "RAY_"))}
     env.update(env_extra)
+    env["HOME"] = str(home or tempfile.mkdtemp(prefix="ep-home-"))  # never the real one
     return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
-def test_token_prints_only_the_token(tmp_path):
-    out = run(["token", "alice", "--role", "organizer"], {"EVENTPULSE_DATA_DIR": str(tmp_path)})
-    assert out.returncode == 0
-    token = out.stdout.strip()
-    assert token.count(".") == 2 and "\n" not in token
-    from eventpulse.auth import token_secret, verify_token
+def _secret_of(data_dir: Path) -> str:
+    from eventpulse.auth import token_secret
     from eventpulse.settings import Settings
 
     # Explicit arguments win over any EVENTPULSE_* a test session put in this process.
-    p = verify_token(token, secret=token_secret(Settings(_env_file=None, data_dir=tmp_path,
-                                                           token_secret=None)))
+    return token_secret(Settings(_env_file=None, data_dir=data_dir, token_secret=None))
+
+
+def test_token_prints_only_the_token_of_the_instance(tmp_path, home, elsewhere):
+    from eventpulse.auth import token_secret, verify_token
+    from eventpulse.settings import Settings
+
+    token_secret(Settings(_env_file=None, data_dir=tmp_path, token_secret=None), create=True)
+    out = run(["--data-dir", str(tmp_path), "token", "alice", "--role", "organizer"], {},
+              home=home, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token.count(".") == 2 and "\n" not in token
+    p = verify_token(token, secret=_secret_of(tmp_path))
     assert p.user_id == "alice" and p.is_organizer
-    bad = run(["token", "alice", "--role", "king"], {"EVENTPULSE_DATA_DIR": str(tmp_path)})
+    bad = run(["token", "alice", "--role", "king"], {"EVENTPULSE_DATA_DIR": str(tmp_path)},
+              home=home)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_without_an_instance_the_cli_says_so_and_creates_nothing(home, elsewhere):
+    """Only `up` makes a token secret: `token`, `status` and `down` with no instance to
+    talk to name where they looked and exit non-zero."""
+    for args in (["token", "alice"], ["status"], ["down"]):
+        out = run(args, {}, home=home, cwd=elsewhere)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert out.stdout == "" and "Traceback" not in out.stderr
+        said = " ".join(out.stderr.split())  # rich wraps long lines
+        assert "no Event-Pulse instance" in said and "eventpulse up" in said
+    assert list(home.rglob("*")) == [] and list(elsewhere.iterdir()) == []
+    # a configured secret (one shared with an identity provider) needs no instance
+    out = run(["token", "alice"], {"EVENTPULSE_TOKEN_SECRET": "-shared-with-the-idp-"},
+              home=home, cwd=elsewhere)
+    assert out.returncode == 0 and out.stdout.count(".") == 2
+
+
+def test_the_data_directory_is_found_from_anywhere(tmp_path, monkeypatch):
+    """No configured data directory: a `./.eventpulse` kept from an earlier release wins,
+    else the user's state directory, the same from every working directory."""
+    from eventpulse.settings import Settings, default_data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("EVENTPULSE_DATA_DIR", raising=False)
+    state_dir = tmp_path / "home" / ".local" / "state" / "eventpulse"
+    (tmp_path / "a").mkdir()
+    assert default_data_dir(tmp_path / "a") == state_dir
+    (tmp_path / "b" / ".eventpulse").mkdir(parents=True)
+    assert default_data_dir(tmp_path / "b") == tmp_path / "b" / ".eventpulse"
+    monkeypatch.chdir(tmp_path / "a")
+    assert Settings(_env_file=None).data_dir == state_dir
+    monkeypatch.setenv("EVENTPULSE_DATA_DIR", str(tmp_path / "c"))
+    assert Settings(_env_file=None).data_dir == tmp_path / "c"
 
 
 def test_up_refuses_a_taken_port_clearly(tmp_path):
@@ -64,63 +125,102 @@ def test_up_says_what_to_do_without_redis_server(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_up_reports_ray_that_cannot_start_and_down_cleans_up(tmp_path):
-    with socket.socket() as s:  # the Ray dashboard's port is taken
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", 8265))
-        except OSError:
-            pytest.fail("port 8265 is in use before the test: another Ray is running")
-        s.listen()
-        env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(free_port())}
-        out = run(["up"], env)
+def _processes_of(data_dir: Path) -> list:
+    """Processes whose command line names the instance's data directory or its HAProxy
+    folder (its Redis runs with `--dir <data_dir>/redis`)."""
+    from cluster.launcher import _haproxy_base
+
+    marks = (str(data_dir), _haproxy_base(data_dir).name)
+    return [p.info["cmdline"][:3] for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.pid != os.getpid()
+            and any(m in " ".join(p.info["cmdline"]) for m in marks)]
+
+
+def _ray_processes(gcs_port: int) -> list:
+    return [p.info["cmdline"][:2] for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and any(
+                t == f"--gcs_server_port={gcs_port}" or (t.startswith("--gcs-address=")
+                                                         and t.endswith(f":{gcs_port}"))
+                for t in p.info["cmdline"])]
+
+
+def _take_dashboard_port() -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", 8265))
+    except OSError:
+        s.close()
+        pytest.fail("port 8265 is in use before the test: another Ray is running")
+    s.listen()
+    return s
+
+
+def test_a_failed_up_stops_what_it_started(tmp_path, home, elsewhere):
+    """Ray cannot start (its dashboard port is taken) after Redis has: `up` says why,
+    stops its Redis again and leaves no state; `down` then has nothing to stop."""
+    env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(free_port())}
+    with _take_dashboard_port():
+        out = run(["up"], env, home=home, cwd=elsewhere)
     assert out.returncode == 1
     assert "Ray dashboard" in out.stderr and "Traceback" not in out.stderr
-    state = (tmp_path / "launcher.json").read_text()
-    assert '"redis_pid"' in state
-    assert run(["down"], env).returncode == 0
-    assert run(["down"], env).returncode == 0  # safe twice
+    assert "Redis started" in out.stderr and "stopped what was started" in out.stderr
     assert not (tmp_path / "launcher.json").exists()
+    assert _processes_of(tmp_path) == []
+    assert run(["down"], env, home=home).returncode == 1
 
 
 @pytest.mark.slow
-def test_up_demo_serves_the_api_and_down_leaves_nothing_running(tmp_path):
+def test_up_demo_on_a_fresh_home_from_anywhere(home, elsewhere, tmp_path_factory):
+    """`eventpulse up --demo` as on a fresh machine: an empty HOME (no `~/.ray`), no data
+    directory configured, started from one directory and used from another. A failed
+    `up` just before leaves nothing in the way; a second `up --demo` reuses the demo
+    event and the demo user's place; `down` leaves nothing of the instance running."""
     port = free_port()
-    env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)}
+    env = {"EVENTPULSE_PORT": str(port)}
+    there = tmp_path_factory.mktemp("other-cwd")
+    data_dir = home / ".local" / "state" / "eventpulse"
+    with _take_dashboard_port():
+        assert run(["up", "--demo"], env, home=home, cwd=elsewhere).returncode == 1
     try:
-        out = run(["up", "--demo"], env, timeout=600)
+        out = run(["up", "--demo"], env, timeout=600, home=home, cwd=elsewhere)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "demo user token" in out.stderr and "Ray dashboard" in out.stderr
+        assert str(data_dir) in out.stderr
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        assert not (home / ".ray").exists()  # Ray's token is the instance's own
         apps = httpx.get("http://127.0.0.1:8265/api/serve/applications/", timeout=10,
-                         headers=_ray_auth()).json()
+                         headers=_ray_auth(data_dir)).json()
         assert apps["applications"]["eventpulse"]["status"] == "RUNNING"
-        jobs = httpx.get("http://127.0.0.1:8265/api/jobs/", timeout=10, headers=_ray_auth()).json()
+        jobs = httpx.get("http://127.0.0.1:8265/api/jobs/", timeout=10,
+                         headers=_ray_auth(data_dir)).json()
         assert any(j.get("submission_id", "").startswith("eventpulse-purchase-job") for j in jobs)
-        status = run(["status"], env)
+        assert httpx.get("http://127.0.0.1:8265/api/jobs/", timeout=10).status_code == 401
+        status = run(["status"], env, home=home, cwd=there)
         assert status.returncode == 0 and "up" in status.stderr + status.stdout
         assert "HAProxy" in status.stderr
-        state = json.loads((tmp_path / "launcher.json").read_text())
+        state = json.loads((data_dir / "launcher.json").read_text())
+        event_id = state["urls"]["demo event"].rsplit("/", 1)[1]
+        token = run(["token", "carol"], env, home=home, cwd=there).stdout.strip()
+        mine = httpx.get(f"http://127.0.0.1:{port}/api/events/{event_id}",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert mine.status_code == 200, mine.text
+        # a restart seeds nothing new: the demo event and the demo user's place are kept
+        assert run(["down"], env, home=home, cwd=there).returncode == 0
+        again = run(["up", "--demo"], env, timeout=600, home=home, cwd=there)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "keeps their place" in again.stderr and event_id in again.stderr
+        state = json.loads((data_dir / "launcher.json").read_text())
     finally:
-        down = run(["down"], env, timeout=300)
+        down = run(["down"], env, timeout=300, home=home, cwd=there)
     assert down.returncode == 0, down.stderr
     # Nothing of this instance is left: its Redis, every process of its Ray (named by
     # its GCS port, and their children) and its HAProxy. Other Rays on the machine are
     # not ours to judge.
     assert not psutil.pid_exists(state["redis_pid"])
-    gcs = state["gcs_port"]
-    leftovers = [p.info["cmdline"][:2] for p in psutil.process_iter(["cmdline"])
-                 if p.info["cmdline"] and any(
-                     t == f"--gcs_server_port={gcs}" or (t.startswith("--gcs-address=")
-                                                         and t.endswith(f":{gcs}"))
-                     for t in p.info["cmdline"])]
-    assert leftovers == []
-    from cluster.launcher import _haproxy_base
-
-    base = _haproxy_base(tmp_path).name
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if base in " ".join(p.info["cmdline"] or ())]
+    assert _ray_processes(state["gcs_port"]) == []
+    assert _processes_of(data_dir) == []
 
 
 def test_up_with_serves_own_proxy_answers_through_it_and_starts_no_haproxy(tmp_path):
@@ -178,9 +278,10 @@ def test_serves_own_proxy_turns_haproxy_off():
         ray_env({}, None, "nginx")
 
 
-def _ray_auth() -> dict:
-    token_file = Path.home() / ".ray" / "auth_token"
-    return {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+def _ray_auth(data_dir: Path) -> dict:
+    from cluster.launcher import RAY_TOKEN_FILE
+
+    return {"Authorization": f"Bearer {(data_dir / RAY_TOKEN_FILE).read_text().strip()}"}
 
 
 def test_one_machine_runs_no_more_replicas_than_cores(tmp_path):
@@ -216,3 +317,15 @@ def test_streams_are_bounded_within_the_ingress_connections(monkeypatch):
     assert most_replicas() == 2
     assert 0 < int(ray_env({})["EVENTPULSE_MAX_STREAMS"]) * 2 <= budget
     assert ray_env({"EVENTPULSE_MAX_STREAMS": "123"})["EVENTPULSE_MAX_STREAMS"] == "123"
+
+
+def test_prometheus_finds_ray_under_the_temp_directory_ray_uses(tmp_path, monkeypatch):
+    """Ray keeps its sessions under RAY_TMPDIR or TMPDIR when set (not always /tmp/ray):
+    `up --monitoring` points Prometheus at the discovery file where Ray writes it."""
+    from cluster.monitoring import DISCOVERY_FILE_NAME, discovery_file
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert discovery_file() == tmp_path / "ray" / DISCOVERY_FILE_NAME
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "r"))
+    assert discovery_file() == tmp_path / "r" / "ray" / DISCOVERY_FILE_NAME

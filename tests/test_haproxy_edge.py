@@ -99,11 +99,12 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
     assert ("set-header x-ep-verified" in edited) is (edge and bool(lane))
 
 
-def test_a_config_not_shaped_like_serves_is_only_given_the_safe_edits(tmp_path):
-    from cluster.haproxy import edit
+def test_a_config_not_shaped_like_serves_is_refused_not_half_edited(tmp_path):
+    from cluster.haproxy import TemplateChanged, edit
 
     odd = "frontend other\n    bind :1\n    default_backend b\nbackend b\n    server s 127.0.0.1:9\n"
-    assert edit(odd, unavailable=tmp_path / "x", edge=True) == odd
+    with pytest.raises(TemplateChanged, match="frontend http_frontend"):
+        edit(odd, unavailable=tmp_path / "x", edge=True)
 
 
 def test_the_wrapper_runs_haproxy_on_the_edited_config(tmp_path):

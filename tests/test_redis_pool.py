@@ -60,3 +60,22 @@ async def test_exhausted_pool_times_out_with_a_connection_error(redis_server):
         raise AssertionError("a caller past the pool timeout must get a clear error")
     await blocker
     await client.aclose()
+
+
+def test_the_redis_internals_read_are_there_and_their_loss_is_named(monkeypatch):
+    """`pool_stats` and the waiting cluster client read redis-py internals: the installed
+    redis-py has them, and one that lacks one fails at import with its name and the pin."""
+    import pytest
+
+    import eventpulse.redis as module
+
+    module.check_internals()
+
+    class MovedNode(module.ClusterNode):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            del self._free
+
+    monkeypatch.setattr(module, "ClusterNode", MovedNode)
+    with pytest.raises(module.RedisInternalsChanged, match=r"MovedNode\._free.*redis>=8\.1,<8\.2"):
+        module.check_internals()

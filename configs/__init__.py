@@ -1,0 +1,1 @@
+"""Configuration files shipped with Event-Pulse (a data package: `eventpulse.resources`)."""
