@@ -15,17 +15,19 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LEGACY_DATA_DIR = Path(".eventpulse")
+LEGACY_MARKS = ("launcher.json", "token_secret")  # what an instance leaves there
 
 
 def default_data_dir(cwd: Path | None = None) -> Path:
     """Where an instance keeps its state when no data directory is configured.
 
-    A `./.eventpulse` kept in the working directory (the default of earlier releases)
-    still wins; otherwise the user's state directory (`~/.local/state/eventpulse` on
-    Linux), so the CLI finds the instance from any directory.
+    A `./.eventpulse` in the working directory that holds an instance (the default of
+    earlier releases) still wins; otherwise the user's state directory
+    (`~/.local/state/eventpulse` on Linux), so the CLI finds the instance from any
+    directory.
     """
     legacy = (cwd or Path.cwd()) / LEGACY_DATA_DIR
-    if legacy.is_dir():
+    if any((legacy / name).exists() for name in LEGACY_MARKS):
         return legacy.resolve()
     return platformdirs.user_state_path("eventpulse")
 

@@ -87,8 +87,9 @@ def test_without_an_instance_the_cli_says_so_and_creates_nothing(home, elsewhere
 
 
 def test_the_data_directory_is_found_from_anywhere(tmp_path, monkeypatch):
-    """No configured data directory: a `./.eventpulse` kept from an earlier release wins,
-    else the user's state directory, the same from every working directory."""
+    """No configured data directory: a `./.eventpulse` that holds an instance of an
+    earlier release wins, else the user's state directory, the same from every working
+    directory."""
     from eventpulse.settings import Settings, default_data_dir
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -98,6 +99,8 @@ def test_the_data_directory_is_found_from_anywhere(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     assert default_data_dir(tmp_path / "a") == state_dir
     (tmp_path / "b" / ".eventpulse").mkdir(parents=True)
+    assert default_data_dir(tmp_path / "b") == state_dir  # an empty folder is no instance
+    (tmp_path / "b" / ".eventpulse" / "token_secret").write_text("kept")
     assert default_data_dir(tmp_path / "b") == tmp_path / "b" / ".eventpulse"
     monkeypatch.chdir(tmp_path / "a")
     assert Settings(_env_file=None).data_dir == state_dir

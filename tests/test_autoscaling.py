@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 
 def probe(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tests.autoscale_probe", *args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench.autoscale_probe", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=420)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]

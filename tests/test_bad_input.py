@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.conftest import unique
-from tests.load import Load
-from tests.reliability import record
+from bench.fault_load import Load
+from bench.reliability import record
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 import ray
 
 from actors.directory import NAMESPACE, actor_name
-from tests.load import Load, check_invariants
-from tests.reliability import record
+from bench.fault_load import Load, check_invariants
+from bench.reliability import record
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.usefixtures("purchase_job")]
 

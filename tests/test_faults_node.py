@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, free_port
-from tests.reliability import record
+from bench.reliability import record
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.cluster]
 
@@ -24,7 +24,7 @@ def test_lost_worker_node_moves_its_event_actor_with_the_line_intact(redis_serve
     env.update({"EVENTPULSE_REDIS_URL": redis_server.url, "EVENTPULSE_TOKEN_SECRET": "x" * 32,
                 "EVENTPULSE_DATA_DIR": str(tmp_path),
                 "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)})
-    run = subprocess.run([sys.executable, "-m", "tests.node_loss", str(free_port())], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "bench.node_loss", str(free_port())], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=400)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]

@@ -3,7 +3,7 @@ short autoscaling delays and the autoscaling policy `configs/serve.yaml` ships, 
 a route the replicas' lane serves, then quiet. Prints one JSON line of what it saw.
 
 Run by tests/test_autoscaling.py in a subprocess (the test session already has its own
-`ray.init()`); also usable by hand: `python -m tests.autoscale_probe`.
+`ray.init()`); also usable by hand: `python -m bench.autoscale_probe`.
 """
 
 from __future__ import annotations

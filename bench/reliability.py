@@ -1,8 +1,8 @@
 """Rows of the reliability report, written by the fault and bad-input tests.
 
 Each test records one row (fault or input class, the load during it, what users saw,
-what was lost) into `.eventpulse/reliability.json`, keyed by row name so a partial run
-updates only its rows. `python -m tests.reliability_report` renders docs/reliability.md.
+what was lost) into `bench/reports/reliability.json`, keyed by row name so a partial run
+updates only its rows. `python -m bench.reliability_report` renders docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ROOT / ".eventpulse" / "reliability.json"
+ROWS = ROOT / "bench" / "reports" / "reliability.json"
 DOC = ROOT / "docs" / "reliability.md"
 
 

@@ -1,4 +1,4 @@
-"""The `eventpulse` command: up, down, status, token, dashboards, load-test."""
+"""The `eventpulse` command: up, down, status, token, dashboards."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _settings() -> Settings:
 @app.callback()
 def _options(data_dir: Annotated[Optional[Path], typer.Option(
         "--data-dir", help="the instance's data directory (default: EVENTPULSE_DATA_DIR, "
-        "else ./.eventpulse if there is one, else the user's state directory)",
+        "else ./.eventpulse if it holds an instance, else the user's state directory)",
         file_okay=False)] = None) -> None:
     if data_dir is not None:  # every Settings() of this process and of what it starts
         os.environ["EVENTPULSE_DATA_DIR"] = str(data_dir.resolve())
