@@ -6,8 +6,9 @@ import asyncio
 import time
 
 from eventpulse import metrics
+from eventpulse.errors import PayloadTooLarge
 from serve import fastpath
-from serve.errors import error_response
+from serve.errors import error_response, from_domain
 from serve.runtime import get_runtime
 
 _UNCOUNTED = ("/healthz", "/readyz")
@@ -15,7 +16,7 @@ STREAMS_RETRY_S = 10  # a refused stream retries later; its client polls meanwhi
 
 
 def too_large(max_body: int):
-    return error_response(413, "payload_too_large", f"body above {max_body} bytes")
+    return from_domain(PayloadTooLarge(f"body above {max_body} bytes"))
 
 
 def body_late(timeout_s: float):

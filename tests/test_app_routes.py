@@ -58,3 +58,15 @@ def test_no_two_routes_claim_the_same_request():
     for path, method in probes:
         full = [r.path for r in flat if r.matches(_scope(path, method))[0] == Match.FULL]
         assert len(full) == 1, (path, method, full)
+
+
+def test_a_replica_asks_for_the_cpus_the_serve_config_deploys_it_with():
+    import yaml
+
+    from eventpulse.resources import config_path
+    from serve.app import REPLICA_CPUS, Ingress
+
+    config = yaml.safe_load(config_path("serve.yaml").read_text())
+    (ingress,) = config["applications"][0]["deployments"]
+    assert ingress["ray_actor_options"]["num_cpus"] == REPLICA_CPUS
+    assert Ingress.ray_actor_options["num_cpus"] == REPLICA_CPUS
