@@ -1,54 +1,21 @@
 """The edits Event-Pulse makes to Serve's HAProxy config, and the entry that applies them.
 
 Serve's HAProxy manager writes a config from its template and starts (or reloads) the
-binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`. `eventpulse up` and the tests point that
-at a small wrapper (`cluster.launcher.haproxy_env`) which runs this module: it edits a
-copy of the config and then becomes HAProxy on that copy.
+binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`. `eventpulse up`, the cluster nodes and
+the tests point that at a small wrapper (`cluster.launcher.haproxy_env`) which runs this
+module: it edits a copy of the config and then becomes HAProxy on that copy.
 
-The edits:
+The edits: no splicing (two descriptors a connection, not 2.5); no access-log lines
+nobody reads; HAProxy's own errors as the API's 503 envelope with `Retry-After`; an edge
+that answers `/healthz` and serves event details and availability from a 1 s cache to
+callers whose token it verified; the lane routes of `serve/hotroutes.py` sent to the
+replicas' lane, with the token signatures HAProxy checked vouched for. Why each, with
+the measurements: `docs/architecture.md`, "The edge: HAProxy".
 
-* **No splicing.** Serve's template turns on `option splice-request/response`, and with
-  them HAProxy reserves a pipe (two more descriptors) for every fourth connection: 2.5
-  descriptors a connection, so the 20,000 a process may hold here allowed 7,900
-  connections (open SSE streams, mostly). Our answers and pushes are a few hundred bytes,
-  where splicing saves nothing; without it a connection costs two descriptors.
-* **No per-request log lines.** Serve's template sends HAProxy's access log to a local
-  syslog port that Serve's HAProxy manager reads only for its request metrics. With
-  those off (`RAY_SERVE_HAPROXY_METRICS_ENABLED=0`, as `eventpulse up` and
-  `ray-cluster.yaml` run it; the app's own `eventpulse_http_*` metrics count every
-  request) the lines were formatted and sent for nobody, so they are dropped.
-* **HAProxy's own errors are our 503.** No replica up, a replica that timed out or broke
-  the connection: a 503 with `Retry-After` in the API's error envelope. Serve's template
-  maps them to a plain-text 500, which tells a client the request is wrong rather than to
-  come back; under an overload that hid 672 answers among a benchmark's errors.
-* **An edge for the public reads.** On two cores every request through Serve's ingress
-  costs ~0.6 ms of replica CPU before our code runs (a bare no-op FastAPI deployment:
-  1,800–1,950 req/s, `docs/benchmarks.md`), and three of the earlier product's five load
-  mix reads are the same for every caller: `/healthz`, an event's details and its
-  availability. HAProxy answers `/healthz` itself while a replica is up (as it answers
-  Serve's `/-/healthz`), and serves the two event reads from a shared cache for at most
-  one second, the freshness the app's own `Cache-Control` already grants any cache. Only
-  callers whose bearer token HAProxy has verified (HS256 signature with the app's
-  secret, `exp` and `nbf` with the app's 5 s leeway, a `sub`) are served from the cache;
-  anything else goes to the app, which answers it in full (401s included). HAProxy
-  refuses to cache a request that carries `Authorization`, so a verified token is set
-  aside for the cache lookup and put back before a miss goes on to a replica (to its
-  lane when the lane is up: Serve's request path cost ~1 ms a miss, and under load
-  concurrent misses came to ~80 a second).
-* **The lane.** With `EVENTPULSE_LANE_PORT` set, the per-user reads, joins and purchases go to the
-  node's replicas' own aiohttp servers (`serve/lane.py`) while one of them answers the
-  health check; otherwise, and for every other route, through Serve as before. With the
-  secret known, HAProxy checks the HS256 signature of a lane request's bearer token and
-  says so in two headers (the signature it checked, and a proof derived from the secret),
-  so the lane only reads the claims (`eventpulse.auth.vouched_principal`): PyJWT spent
-  ~100 µs of replica CPU on each token it had not seen, a join's first. Those headers are
-  removed from every request a client sends.
-
-The edits are written against Serve 2.60's template (`ray/serve/_private/
-haproxy_templates.py`). When the installed Serve's config lacks what they anchor on,
-`edit` raises `TemplateChanged` and the wrapper exits with its message instead of starting
-HAProxy on a config with only some of the edits (`tests/test_haproxy_template.py` runs
-them on the installed Serve's own template).
+The edits are written against Serve 2.60's template. When the installed Serve's config
+lacks what they anchor on, `edit` raises `TemplateChanged` and the wrapper exits with its
+message instead of starting HAProxy on a config with only some of the edits
+(`tests/test_haproxy_template.py` runs them on the installed Serve's own template).
 """
 
 from __future__ import annotations
@@ -59,6 +26,7 @@ import sys
 from pathlib import Path
 
 from eventpulse.auth import LEEWAY_S  # the edge accepts what the app accepts
+from serve import hotroutes
 
 UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
 
@@ -98,7 +66,7 @@ _HEALTH = (
 
 # `-m int gt 0` on differences: HAProxy reads a negative pattern as a range, not a number
 _EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cache, verified callers only
-    acl ep_public path_reg ^/api/events/[A-Za-z0-9_-]{{1,64}}(/availability)?$
+    acl ep_public path_reg {hotroutes.haproxy_edge_acl()}
     http-request set-var(txn.ep_alg) http_auth_bearer,jwt_header_query('$.alg') if {{ method GET }} ep_public !{{ query -m found }}
     http-request set-var(txn.ep_now) date if {{ var(txn.ep_alg) -m str HS256 }}
     http-request set-var(txn.ep_left) http_auth_bearer,jwt_payload_query('$.exp','int'),add({LEEWAY_S}),sub(txn.ep_now) if {{ var(txn.ep_alg) -m str HS256 }}
@@ -110,26 +78,9 @@ _EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cac
     http-response cache-store {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
 """
 
-_LANE = """    # Event-Pulse lane: per-user reads, joins and purchases to the replicas' aiohttp servers
-    acl ep_lane_up nbsrv(ep_lane) ge 1
-    acl ep_lane_get path_reg ^/api/(events/[A-Za-z0-9_-]{1,64}/queue/me|users/[^/]{1,128}/tickets)$
-    acl ep_lane_pos path /api/queue/position
-    acl ep_lane_posq query -m reg ^(eventId=[^&]{1,128}&userId=[^&]{1,128}|userId=[^&]{1,128}&eventId=[^&]{1,128})$
-    acl ep_lane_join path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/queue$
-    acl ep_lane_sse path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/queue/me/stream$
-    use_backend ep_lane if ep_lane_up { method GET } ep_lane_get !{ query -m found }
-    acl ep_lane_tix path_reg ^/api/users/[^/]{1,128}/tickets$
-    acl ep_lane_tixq query -m reg ^(eventId=[^&]{0,64}|fields=[^&]{0,500}|eventId=[^&]{0,64}&fields=[^&]{0,500}|fields=[^&]{0,500}&eventId=[^&]{0,64})$
-    use_backend ep_lane if ep_lane_up { method GET } ep_lane_tix ep_lane_tixq
-    use_backend ep_lane if ep_lane_up { method GET } ep_lane_pos ep_lane_posq
-    use_backend ep_lane if ep_lane_up { method POST } ep_lane_join !{ query -m found } { req.hdr(content-type) -m beg application/json }
-    use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse !{ query -m found }
-    acl ep_lane_buy path_reg ^/api/events/[A-Za-z0-9_-]{1,64}/purchases$
-    acl ep_lane_buyq query -m reg ^wait=([0-9]|[12][0-9]|30)(\\.[0-9]{1,3})?$
-    use_backend ep_lane if ep_lane_up { method POST } ep_lane_buy !{ query -m found } { req.hdr(content-type) -m beg application/json }
-    use_backend ep_lane if ep_lane_up { method POST } ep_lane_buy ep_lane_buyq { req.hdr(content-type) -m beg application/json }
-    use_backend ep_lane if ep_lane_up { method GET } ep_lane_sse { query -m reg ^access_token=[^&]+$ }
-"""
+# the lane routes' rules, rendered from the hot routes' table (`serve/hotroutes.py`)
+_LANE = ("    # Event-Pulse lane: per-user reads, joins and purchases to the replicas' aiohttp servers\n"
+         "    acl ep_lane_up nbsrv(ep_lane) ge 1\n" + hotroutes.haproxy_lane_rules())
 
 # a public read the edge verified and did not have cached: the lane answers it too (about
 # ten times cheaper than Serve's request path), and the edge stores the answer

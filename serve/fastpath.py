@@ -1,24 +1,20 @@
-"""The hottest routes answered without FastAPI's routing and dependency injection.
+"""The hot routes answered without FastAPI's routing and dependency injection.
 
-The earlier product's load mix is five GETs per user every few seconds, and an on-sale
-starts with everyone joining and opening their stream at once, then buying; on two cores
-the Serve replica's per-request Python is the budget, and FastAPI's router, dependency
-solver and exception middleware are a large share of it for routes this small. These
-routes (the five GETs, joins, purchases and SSE streams) call the very same functions
-as their FastAPI twins (which stay, for the OpenAPI document and for anything unusual);
-whatever the fast path does not recognise exactly, it hands to FastAPI.
+They call the very same functions as their FastAPI twins (which stay, for the OpenAPI
+document and for anything unusual); whatever `hotroutes.match` does not recognise
+exactly goes to FastAPI. Why: `docs/architecture.md`, "Serve's ingress, the fast path
+and Guard".
 """
 
 from __future__ import annotations
 
 import gzip
 import re
-from urllib.parse import parse_qsl
 
 from starlette.responses import Response
 
 from eventpulse.errors import EventPulseError, Unauthorized
-from serve import idempotency
+from serve import hotroutes, idempotency
 from serve.auth import authenticate_vouched, require_self
 from serve.errors import from_domain, unexpected
 from serve.responses import json
@@ -30,60 +26,20 @@ from serve.sse import Feed, Writer, hub
 from serve.routes.tickets import tickets_response
 from serve.runtime import get_runtime
 
-# route template (the metrics label, as FastAPI would name it) per recognised shape
-EVENT = "/api/events/{event_id}"
-AVAILABILITY = "/api/events/{event_id}/availability"
-QUEUE_ME = "/api/events/{event_id}/queue/me"
-POSITION = "/api/queue/position"
-TICKETS = "/api/users/{user_id}/tickets"
-STREAM = "/api/events/{event_id}/queue/me/stream"
-JOIN = "/api/events/{event_id}/queue"
-PURCHASE = "/api/events/{event_id}/purchases"
-HEALTH = "/healthz"
+# route templates (the metrics label, as FastAPI names them) of the hot routes' table
+EVENT = hotroutes.EVENT.path
+AVAILABILITY = hotroutes.AVAILABILITY.path
+QUEUE_ME = hotroutes.QUEUE_ME.path
+POSITION = hotroutes.POSITION.path
+TICKETS = hotroutes.TICKETS.path
+STREAM = hotroutes.STREAM.path
+JOIN = hotroutes.JOIN.path
+PURCHASE = hotroutes.PURCHASE.path
+HEALTH = hotroutes.HEALTH.path
 GZIP_MIN = 1024  # as the app's GZipMiddleware
-# `?wait=` in its plain spellings (HAProxy's route to the lane matches the same); past
-# the route's 30 s, or spelt otherwise, it is FastAPI's to answer
-_WAIT = re.compile(rb"wait=((?:[0-9]|[12][0-9]|30)(?:\.[0-9]{1,3})?)")
-WAIT_MAX_S = 30.0
+WAIT_MAX_S = float(hotroutes.WAIT_MAX_S)
 _IDEMPOTENCY_KEY = re.compile(idempotency.KEY_PATTERN.encode())
-
-
-def match(method: str, path: str, query: bytes) -> tuple[str, list[str], dict[str, str]] | None:
-    """(route, path params, query) for a request the fast path serves exactly, else None."""
-    if method == "POST":
-        parts = path.split("/")
-        if len(parts) == 5 and parts[2] == "events" and parts[4] == "queue" and not query:
-            return JOIN, [parts[3]], {}
-        if len(parts) == 5 and parts[2] == "events" and parts[4] == "purchases":
-            if not query:
-                return PURCHASE, [parts[3]], {}
-            wait = _WAIT.fullmatch(query)
-            if wait is not None:
-                return PURCHASE, [parts[3]], {"wait": wait.group(1).decode()}
-        return None
-    if method != "GET":
-        return None
-    if path == HEALTH and not query:
-        return HEALTH, [], {}
-    parts = path.split("/")
-    q = dict(parse_qsl(query.decode("latin-1"))) if query else {}
-    n = len(parts)
-    if n == 4 and parts[1] == "api" and parts[2] == "events" and not q:
-        return EVENT, [parts[3]], q
-    if n == 5 and parts[2] == "events" and parts[4] == "availability" and not q:
-        return AVAILABILITY, [parts[3]], q
-    if n == 6 and parts[2] == "events" and parts[4] == "queue" and parts[5] == "me" and not q:
-        return QUEUE_ME, [parts[3]], q
-    if n == 7 and parts[4] == "queue" and parts[5] == "me" and parts[6] == "stream" and \
-            set(q) <= {"access_token"}:
-        return STREAM, [parts[3]], q
-    if path == POSITION and set(q) == {"eventId", "userId"} and all(
-            0 < len(v) <= 128 for v in q.values()):
-        return POSITION, [], q
-    if n == 5 and parts[2] == "users" and parts[4] == "tickets" and set(q) <= {"eventId", "fields"}:
-        if len(q.get("eventId", "")) <= 64 and len(q.get("fields", "")) <= 500:
-            return TICKETS, [parts[3]], q
-    return None
+match = hotroutes.match
 
 
 def _token(headers: dict[bytes, bytes], query_token: str | None = None) -> str:

@@ -1,27 +1,11 @@
-"""The lane: the hottest per-user routes served by a plain aiohttp server in each replica.
+"""The lane: the hot per-user routes served by a plain aiohttp server in each replica.
 
-On this 2-core machine every request through Serve's ingress costs ~0.6 ms of replica CPU
-before our code runs (uvicorn, Serve's direct-ingress wrapper and middlewares: a bare
-no-op FastAPI deployment holds 1,800–1,950 req/s, not the 4,200 the design planned
-with), and in the earlier product's load mix two of the five reads — the queue position
-and the user's tickets — are per user, so HAProxy cannot answer them from a cache
-(`cluster/haproxy.py`). Joins and purchases are the flash sale's hot writes. So each Ingress replica
-also listens on `lane_port` (127.0.0.1, the port shared by the node's replicas with
-SO_REUSEPORT, so the kernel spreads HAProxy's connections over them) with aiohttp's
-low-level server, and the node's HAProxy sends exactly these shapes there while the lane
-answers its health check (`cluster/haproxy.py`):
-
-    GET  /api/queue/position?eventId=&userId=   GET  /api/events/{id}/queue/me
-    GET  /api/users/{uid}/tickets               POST /api/events/{id}/queue (JSON)
-    POST /api/events/{id}/purchases[?wait=]     (JSON, with an Idempotency-Key)
-    GET  /api/events/{id}/queue/me/stream (Server-Sent Events, pushed by the hub)
-    GET  /api/events/{id}  /api/events/{id}/availability (the edge cache's misses)
-
-The lane runs in the replica's own event loop and calls the very functions the fast path
-(`serve/fastpath.py`) and FastAPI's routes call: same caches, coalesced actor calls,
-Redis pool, authentication, error envelope, metrics and overload bound. Serve still
-deploys, restarts and health-checks the replicas and serves every other route; a request
-HAProxy cannot send to the lane (no replica of this node up) goes through Serve.
+Each Ingress replica also listens on `lane_port` (127.0.0.1, shared by the node's
+replicas with SO_REUSEPORT), and the node's HAProxy sends the table's lane routes there
+(`serve/hotroutes.py`) while the lane answers its health check. The lane calls the same
+functions as the fast path and FastAPI's routes, with the same bounds as `Guard`; what
+is not exactly a route's shape gets FastAPI's own answer. Why, and what it saves:
+`docs/architecture.md`, "The lane".
 """
 
 from __future__ import annotations
@@ -39,7 +23,7 @@ from eventpulse import metrics
 from eventpulse.auth import VOUCHED_PROOF, VOUCHED_SIGNATURE
 from eventpulse.errors import EventPulseError
 from eventpulse.settings import get_settings
-from serve import fastpath
+from serve import fastpath, hotroutes
 from serve.auth import authenticate
 from serve.errors import _validation_message, error_response, from_domain, unexpected
 from serve.middleware import (
@@ -53,9 +37,7 @@ from serve.middleware import (
 from serve.runtime import get_runtime
 from serve.schemas import JoinIn
 
-ROUTES = frozenset({fastpath.POSITION, fastpath.QUEUE_ME, fastpath.TICKETS, fastpath.JOIN,
-                    fastpath.PURCHASE, fastpath.STREAM, fastpath.HEALTH,
-                    fastpath.EVENT, fastpath.AVAILABILITY})  # the edge cache's misses
+ROUTES = hotroutes.LANE  # the table's lane routes (the edge cache's misses among them)
 _HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type",
             "idempotency-key", VOUCHED_SIGNATURE.decode(), VOUCHED_PROOF.decode())
 _BODIED = (fastpath.JOIN, fastpath.PURCHASE)

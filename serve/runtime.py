@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from eventpulse.errors import EventNotFound
 from eventpulse.redis import RedisClient, get_client, pool_stats
 from eventpulse.settings import Settings, get_settings
 from serve import ratelimit
+from serve.hotroutes import EVENT_ID_CHARS, EVENT_ID_MAX
 from serve.batching import Coalescer, direct
 from serve.cache import TTLCache
 from serve.mirror import BEHIND, IDLE_S, MISS, POLL_S, QUIET_S, LineMirror
@@ -42,11 +44,12 @@ GC_THRESHOLDS = (700, 10, 100)
 KEPT_BUYER_EVENTS = 8       # sold-out events whose buyers a replica keeps (`has_bought`)
 KEPT_BUYERS_MAX = 200_000   # ...each of at most this many tickets (~20 MB of user ids)
 
-_EVENT_ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_EVENT_ID = re.compile(f"[{EVENT_ID_CHARS}]{{1,{EVENT_ID_MAX}}}")
 
 
 def valid_id(value: str) -> bool:
-    return 0 < len(value) <= 64 and set(value) <= _EVENT_ID_CHARS
+    """Whether `value` can be an event's id (`serve.hotroutes`); any other is a 404."""
+    return _EVENT_ID.fullmatch(value) is not None
 
 
 class Runtime:

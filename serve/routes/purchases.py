@@ -26,6 +26,7 @@ from serve import idempotency
 from serve.auth import principal
 from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.errors import error_response
+from serve.hotroutes import WAIT_MAX_S
 from serve.responses import json
 from serve.runtime import get_runtime, valid_id
 from serve.schemas import Purchase, PurchaseIn
@@ -76,7 +77,7 @@ def _outcome_response(view: dict[str, Any]):
 async def purchase(event_id: str, body: PurchaseIn, p: User,
                    idempotency_key: Annotated[str, Header(alias="Idempotency-Key",
                                                           pattern=idempotency.KEY_PATTERN)],
-                   wait: Annotated[float, Query(ge=0, le=30)] = 0):
+                   wait: Annotated[float, Query(ge=0, le=WAIT_MAX_S)] = 0):
     """Buy with a live offer. Same key + same body returns the same purchase.
 
     The idempotency claim carries the whole request for the purchase job, so a claim

@@ -22,6 +22,7 @@ from eventpulse.errors import (
     SoldOut,
 )
 from serve import ratelimit
+from serve.hotroutes import EVENT_ID_MAX, USER_ID_MAX
 from serve.auth import principal, require_self
 from serve.batching import direct
 from serve.errors import ErrorEnvelope_responses as ERRORS
@@ -107,8 +108,9 @@ async def me(event_id: str, p: User):
 
 
 @router.get("/api/queue/position", response_model=Entry)
-async def legacy_position(p: User, eventId: Annotated[str, Query(min_length=1, max_length=64)],
-                          userId: Annotated[str, Query(min_length=1, max_length=128)]):
+async def legacy_position(p: User, eventId: Annotated[str, Query(min_length=1,
+                                                                 max_length=EVENT_ID_MAX)],
+                          userId: Annotated[str, Query(min_length=1, max_length=USER_ID_MAX)]):
     """The earlier product's position route; the same answer as `/queue/me`."""
     require_self(p, userId)
     return json(await my_entry(eventId, userId))

@@ -18,6 +18,7 @@ from eventpulse.auth import Principal
 from eventpulse.errors import InvalidInput, NotFound
 from serve.auth import principal, require_self
 from serve.errors import ErrorEnvelope_responses as ERRORS
+from serve.hotroutes import EVENT_ID_MAX, FIELDS_MAX
 from serve.responses import cached_json, json
 from serve.routes.events import public
 from serve.runtime import get_runtime, valid_id
@@ -59,8 +60,8 @@ async def _with_events(tickets: list[dict]) -> list[dict]:
 
 @router.get("/api/users/{user_id}/tickets", response_model=list[Ticket])
 async def user_tickets(user_id: str, request: Request, p: User,
-                       eventId: Annotated[str | None, Query(max_length=64)] = None,
-                       fields: Annotated[str | None, Query(max_length=500)] = None):
+                       eventId: Annotated[str | None, Query(max_length=EVENT_ID_MAX)] = None,
+                       fields: Annotated[str | None, Query(max_length=FIELDS_MAX)] = None):
     """My tickets, newest last; `?eventId=` filters, `?fields=id,status,event` narrows."""
     return await tickets_response(p, user_id, eventId, fields, request.headers.get("if-none-match"))
 
