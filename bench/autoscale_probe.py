@@ -1,6 +1,6 @@
 """Driver for the autoscaling test: a 2-node Ray cluster on this machine, the Serve app with
 short autoscaling delays and the autoscaling policy `configs/serve.yaml` ships, a load step on
-a route the replicas' lane serves, then quiet. Prints one JSON line of what it saw.
+a route the replicas' side server serves, then quiet. Prints one JSON line of what it saw.
 
 Run by tests/test_autoscaling.py in a subprocess (the test session already has its own
 `ray.init()`); also usable by hand: `python -m bench.autoscale_probe`.
@@ -33,7 +33,7 @@ async def load(url: str, token: str, seconds: float, connections: int) -> int:
     done = 0
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {token}"}
-    # the user's tickets: a route HAProxy sends to the replicas' lane, whose requests Serve
+    # the user's tickets: a route HAProxy sends to the replicas' side server, whose requests Serve
     # does not count (`serve/autoscaling.py`)
     path = f"{url}/api/users/org/tickets"
 
@@ -50,8 +50,8 @@ async def load(url: str, token: str, seconds: float, connections: int) -> int:
     return done
 
 
-def lane_requests(url: str, token: str, replicas: int) -> int:
-    """Requests the replicas' lanes have served, summed over the replicas (asked through
+def side_requests(url: str, token: str, replicas: int) -> int:
+    """Requests the replicas' side servers have served, summed over the replicas (asked through
     Serve, which picks one per request, until all `replicas` have answered)."""
     import httpx
 
@@ -59,21 +59,21 @@ def lane_requests(url: str, token: str, replicas: int) -> int:
     for _ in range(200):
         stats = httpx.get(f"{url}/api/admin/stats", timeout=10,
                           headers={"Authorization": f"Bearer {token}"}).json()
-        seen[stats["replica"]] = stats["lane"]["requests"]
+        seen[stats["replica"]] = stats["side"]["requests"]
         if len(seen) >= replicas:
             break
     assert len(seen) >= replicas, f"only {len(seen)} of {replicas} replicas answered"
     return sum(seen.values())
 
 
-def wait_lane_up(url: str, token: str, seconds: float) -> None:
-    """Until HAProxy sends the lane's routes to the lane: it does once its health check
+def wait_side_up(url: str, token: str, seconds: float) -> None:
+    """Until HAProxy sends the side server's routes to the side server: it does once its health check
     passes, and through Serve before that."""
     import httpx
 
     deadline = time.monotonic() + seconds
-    while lane_requests(url, token, 1) == 0:
-        assert time.monotonic() < deadline, "HAProxy never sent a request to the lane"
+    while side_requests(url, token, 1) == 0:
+        assert time.monotonic() < deadline, "HAProxy never sent a request to the side server"
         httpx.get(f"{url}/api/users/org/tickets", timeout=10,
                   headers={"Authorization": f"Bearer {token}"})
         time.sleep(0.25)
@@ -102,15 +102,15 @@ def main() -> None:
     os.environ.update({"EVENTPULSE_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
                        "EVENTPULSE_DATA_DIR": tmp, "EVENTPULSE_TOKEN_SECRET": secret,
                        "RAY_USAGE_STATS_ENABLED": "0",
-                       # its replicas' lane apart from the session's (SO_REUSEPORT would
+                       # its replicas' side server apart from the session's (SO_REUSEPORT would
                        # let the session's HAProxy reach this cluster's replicas)
-                       "EVENTPULSE_LANE_PORT": str(free_port())})
+                       "EVENTPULSE_SIDE_PORT": str(free_port())})
     from pathlib import Path
 
     from cluster.launcher import RAY_ENV, haproxy_env
 
-    # Serve's HAProxy ingress, as `eventpulse up` runs it (run by hand, too): the lane's
-    # routes reach the lane only through it
+    # Serve's HAProxy ingress, as `eventpulse up` runs it (run by hand, too): the side server's
+    # routes reach the side server only through it
     os.environ.update({k: v for k, v in RAY_ENV.items() if k.startswith("RAY_SERVE_")})
     os.environ.update(haproxy_env(Path(tmp)))  # never share HAProxy ports with another Ray
     from ray.cluster_utils import Cluster
@@ -148,8 +148,8 @@ def main() -> None:
                 break
             time.sleep(0.5)
         assert r.status_code == 201, (r.status_code, r.text)
-        wait_lane_up(url, org, 60)  # with one replica: its count is the whole count
-        lane_before = lane_requests(url, org, 1)
+        wait_side_up(url, org, 60)  # with one replica: its count is the whole count
+        side_before = side_requests(url, org, 1)
         start = time.monotonic()
         pool = ThreadPoolExecutor(1)
         task = pool.submit(lambda: asyncio.run(load(url, org, 25, 48)))
@@ -163,7 +163,7 @@ def main() -> None:
         served = task.result()
         pool.shutdown()
         # at once: a replica that scales down takes its count with it
-        lane_served = lane_requests(url, org, replica_count(serve)[0]) - lane_before
+        side_served = side_requests(url, org, replica_count(serve)[0]) - side_before
         quiet_at = time.monotonic()
         down_at = None
         while time.monotonic() - quiet_at < 60:
@@ -178,7 +178,7 @@ def main() -> None:
                  if a.get("ClassName", "").startswith("ServeReplica") and a.get("State") == "ALIVE"}
         print(json.dumps({"max_running": max(s["running"] for s in seen),
                           "seconds_to_scale_up": up_at, "seconds_to_scale_down": down_at,
-                          "requests": served, "lane_requests": lane_served,
+                          "requests": served, "side_requests": side_served,
                           "policy": policy.get("policy", "serve's default"), "timeline": seen, "replica_nodes": len(nodes)}))
     finally:
         try:

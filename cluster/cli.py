@@ -76,7 +76,7 @@ def up(demo: Annotated[bool, typer.Option(help="seed a demo event and print toke
        monitoring: Annotated[bool, typer.Option(help="also start a local Prometheus")] = False,
        timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 240,
        ingress: Annotated[Literal["haproxy", "serve"], typer.Option(
-           help="haproxy: Serve's HAProxy ingress with the edge and the lane; serve: Serve's "
+           help="haproxy: Serve's HAProxy ingress with the edge and the side server; serve: Serve's "
                 "default Python proxy, every request on Serve's path (slower; to compare, or "
                 "where HAProxy can't run)")] = "haproxy",
        ) -> None:

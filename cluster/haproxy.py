@@ -8,8 +8,8 @@ module: it edits a copy of the config and then becomes HAProxy on that copy.
 The edits: no splicing (two descriptors a connection, not 2.5); no access-log lines
 nobody reads; HAProxy's own errors as the API's 503 envelope with `Retry-After`; an edge
 that answers `/healthz` and serves event details and availability from a 1 s cache to
-callers whose token it verified; the lane routes of `serve/hotroutes.py` sent to the
-replicas' lane, with the token signatures HAProxy checked vouched for. Why each, with
+callers whose token it verified; the side server routes of `serve/hotroutes.py` sent to the
+replicas' side server, with the token signatures HAProxy checked vouched for. Why each, with
 the measurements: `docs/architecture.md`, "The edge: HAProxy".
 
 The edits are written against Serve 2.60's template. When the installed Serve's config
@@ -31,7 +31,7 @@ from serve import hotroutes
 UNAVAILABLE_BODY = b'{"error":{"code":"unavailable","message":"temporarily unavailable, retry shortly"}}'
 
 SECRET_ENV = "EP_EDGE_SECRET"   # how the verified secret reaches HAProxy (never the file)
-PROOF_ENV = "EP_EDGE_PROOF"     # what HAProxy sends the lane beside a token it verified
+PROOF_ENV = "EP_EDGE_PROOF"     # what HAProxy sends the side server beside a token it verified
 EDGE_CACHE = "ep_edge"
 EDGE_TTL_S = 1                  # the shortest max-age the app gives these reads
 
@@ -78,26 +78,26 @@ _EDGE = f"""    # Event-Pulse edge: public event reads from a {EDGE_TTL_S} s cac
     http-response cache-store {EDGE_CACHE} if {{ var(txn.ep_edge) -m bool }}
 """
 
-# the lane routes' rules, rendered from the hot routes' table (`serve/hotroutes.py`)
-_LANE = ("    # Event-Pulse lane: per-user reads, joins and purchases to the replicas' aiohttp servers\n"
-         "    acl ep_lane_up nbsrv(ep_lane) ge 1\n" + hotroutes.haproxy_lane_rules())
+# the side server routes' rules, rendered from the hot routes' table (`serve/hotroutes.py`)
+_SIDE = ("    # Event-Pulse side server: per-user reads, joins and purchases to the replicas' aiohttp servers\n"
+         "    acl ep_side_up nbsrv(ep_side) ge 1\n" + hotroutes.haproxy_side_rules())
 
-# a public read the edge verified and did not have cached: the lane answers it too (about
+# a public read the edge verified and did not have cached: the side server answers it too (about
 # ten times cheaper than Serve's request path), and the edge stores the answer
-_LANE_EDGE = "    use_backend ep_lane if ep_lane_up { var(txn.ep_edge) -m bool }\n"
+_SIDE_EDGE = "    use_backend ep_side if ep_side_up { var(txn.ep_edge) -m bool }\n"
 
-_LANE_BACKEND = """
-backend ep_lane
+_SIDE_BACKEND = """
+backend ep_side
     # the replicas of this node share the port (SO_REUSEPORT): the kernel picks one
     http-reuse always
     timeout connect 5s
     timeout server 3600s  # streams stay open (heartbeats keep them busy), as on Serve
     option httpchk GET /healthz
     http-check expect status 200
-{vouch}    server lane 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 2 rise 2
+{vouch}    server side 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 2 rise 2
 """
 
-_VOUCH = f"""    # a bearer token whose signature HAProxy checked: the lane reads only its claims
+_VOUCH = f"""    # a bearer token whose signature HAProxy checked: the side server reads only its claims
     http-request set-var(txn.ep_lalg) http_auth_bearer,jwt_header_query('$.alg')
     http-request set-header x-ep-verified %[http_auth_bearer,field(3,.)] if {{ var(txn.ep_lalg) -m str HS256 }} {{ http_auth_bearer,jwt_verify(txn.ep_lalg,"${{{SECRET_ENV}}}") -m int 1 }}
     http-request set-header x-ep-proof "${{{PROOF_ENV}}}" if {{ req.hdr(x-ep-verified) -m found }}
@@ -116,10 +116,10 @@ cache {EDGE_CACHE}
 """
 
 
-def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
+def edit(config: str, *, unavailable: Path, edge: bool, side_port: int = 0,
          keep_logs: bool = False) -> str:
     """Serve's HAProxy config with Event-Pulse's edits (module docstring); `edge` False
-    leaves out the cached reads (no secret to verify callers with), `lane_port` 0 the lane,
+    leaves out the cached reads (no secret to verify callers with), `side_port` 0 the side server,
     `keep_logs` keeps the access log (Serve's HAProxy metrics are on).
 
     Raises `TemplateChanged` when the config lacks what Serve 2.60 always writes and the
@@ -160,10 +160,10 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
             out.append(_HEALTH.format(backend=backend))
             if edge:
                 out.append(_EDGE)
-            if lane_port:
-                out.append(_LANE)
+            if side_port:
+                out.append(_SIDE)
                 if edge:
-                    out.append(_LANE_EDGE)
+                    out.append(_SIDE_EDGE)
             inserted = True
         if edge and section == f"backend {backend}" and not restore_done and re.match(
                 r"\s*server\s", line):
@@ -179,9 +179,9 @@ def edit(config: str, *, unavailable: Path, edge: bool, lane_port: int = 0,
     text = "".join(out)
     if edge and inserted:
         text = text.rstrip("\n") + "\n" + _CACHE
-    if lane_port and inserted:
-        text = text.rstrip("\n") + "\n" + _LANE_BACKEND.format(
-            port=lane_port, vouch=_RESTORE + _VOUCH if edge else "")
+    if side_port and inserted:
+        text = text.rstrip("\n") + "\n" + _SIDE_BACKEND.format(
+            port=side_port, vouch=_RESTORE + _VOUCH if edge else "")
     return text
 
 
@@ -241,11 +241,11 @@ def haproxy_binary() -> str:
     return get_haproxy_binary()
 
 
-def lane_port() -> int:
-    """The replicas' lane port (`serve/lane.py`), 0 when there is none."""
+def side_port() -> int:
+    """The replicas' side server port (`serve/side.py`), 0 when there is none."""
     from eventpulse.settings import get_settings
 
-    return get_settings().lane_port
+    return get_settings().side_port
 
 
 def main(argv: list[str]) -> None:
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> None:
         edited = source.with_name(source.name + ".ep")
         try:
             text = edit(source.read_text(), unavailable=unavailable, edge=secret is not None,
-                        lane_port=lane_port(),
+                        side_port=side_port(),
                         keep_logs=os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED",
                                                  "1").lower() not in ("0", "false"))
         except TemplateChanged as e:  # not HAProxy on a half-edited config: Serve logs this

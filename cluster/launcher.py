@@ -215,7 +215,7 @@ INGRESSES = ("haproxy", "serve")
 def ray_env(settings_env: dict[str, str], data_dir: Path | None = None,
             ingress: str = "haproxy") -> dict[str, str]:
     """The environment of `ray start`. `ingress="serve"` keeps Serve's default Python
-    proxy: no HAProxy, so no edge cache and no lane; every request takes Serve's path."""
+    proxy: no HAProxy, so no edge cache and no side server; every request takes Serve's path."""
     if ingress not in INGRESSES:
         raise LaunchError(f"unknown ingress {ingress!r}: one of {', '.join(INGRESSES)}")
     env = {**os.environ, **RAY_ENV, **settings_env}
@@ -228,8 +228,8 @@ def ray_env(settings_env: dict[str, str], data_dir: Path | None = None,
     # replicas one machine runs (serve_config_for), the rest left for other requests.
     env.setdefault("EVENTPULSE_MAX_STREAMS",
                    str(int(env["RAY_SERVE_HAPROXY_MAXCONN"]) * 9 // 10 // most_replicas()))
-    # the replicas' lane for the hottest per-user routes (serve/lane.py)
-    env.setdefault("EVENTPULSE_LANE_PORT", str(free_port()))
+    # the replicas' side server for the hottest per-user routes (serve/side.py)
+    env.setdefault("EVENTPULSE_SIDE_PORT", str(free_port()))
     if data_dir is not None:
         env.update(haproxy_env(data_dir))
     venv_bin = str(Path(sys.executable).parent)  # jobs run with the raylet's PATH

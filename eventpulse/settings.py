@@ -93,8 +93,8 @@ class Settings(BaseSettings):
         "instead of waiting for a connection slot until it times out. `eventpulse up` sets "
         "it to 90 % of maxconn shared by the replicas.")
 
-    lane_port: int = Field(
-        0, ge=0, le=65535, description="Port of the replicas' lane (`serve/lane.py`): an "
+    side_port: int = Field(
+        0, ge=0, le=65535, description="Port of the replicas' side server (`serve/side.py`): an "
         "aiohttp server in every Ingress replica, sharing the port (SO_REUSEPORT) on "
         "127.0.0.1, that the node's HAProxy sends the hottest per-user routes to. 0 turns "
         "it off (everything through Serve's ingress). `eventpulse up` picks a free port.")

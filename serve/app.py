@@ -12,8 +12,8 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from eventpulse.redis import ping, pool_stats
 from eventpulse.settings import get_settings
-from serve import errors, lane
-from serve.autoscaling import LANE_ONGOING
+from serve import errors, side
+from serve.autoscaling import SIDE_ONGOING
 from serve.responses import json
 from serve.routes import admin, events, pages, purchases, queue, tickets
 from serve.middleware import Guard
@@ -65,16 +65,13 @@ def _hot_first(route) -> int:
 
 api.router.routes.sort(key=_hot_first)
 
-# Guard outermost (cheap refusals first), then gzip for larger bodies.
+# Guard outermost (admission: cheap refusals first), then gzip for larger bodies.
 api.add_middleware(GZipMiddleware, minimum_size=1024)
-api.add_middleware(Guard, max_body=get_settings().max_body_bytes,
-                   max_in_flight=get_settings().max_in_flight,
-                   body_timeout_s=get_settings().body_timeout_s,
-                   max_streams=get_settings().max_streams)
+api.add_middleware(Guard)
 
 
 # max_ongoing_requests is high because handlers mostly await Redis or an actor and SSE
-# streams stay open for minutes; the Guard sheds load before latency piles up.
+# streams stay open for minutes; admission sheds load before latency piles up.
 # A quarter CPU a replica, as configs/serve.yaml deploys it: on a 2-core machine replicas,
 # actors and the job must all fit (tests/test_app_routes.py keeps the two equal).
 REPLICA_CPUS = 0.25
@@ -85,15 +82,15 @@ REPLICA_CPUS = 0.25
 @serve.ingress(api)
 class Ingress:
     async def __init__(self) -> None:
-        get_runtime()
-        port = get_settings().lane_port
-        # the hottest per-user routes, beside Serve's ingress (why: serve/lane.py)
-        self._lane = await lane.start(port) if port else None
+        get_runtime().start()
+        port = get_settings().side_port
+        # the hot routes, beside Serve's ingress (why: serve/side.py)
+        self._side = await side.start(port, api) if port else None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """The lane's requests for Serve's autoscaling, which counts only its own path
-        (`serve/autoscaling.py`)."""
-        return {LANE_ONGOING: get_runtime().lane_in_flight}
+        """The side server's requests for Serve's autoscaling, which counts only its own
+        path (`serve/autoscaling.py`)."""
+        return {SIDE_ONGOING: get_runtime().side_in_flight}
 
 
 app = Ingress.bind()

@@ -54,7 +54,7 @@ def authenticate(token: str) -> Principal:
 
 def authenticate_vouched(token: str, headers: dict[bytes, bytes]) -> Principal:
     """`authenticate`, taking the node's HAProxy's word for the token's signature when it
-    gives it for this very token (`eventpulse.auth.vouched_principal`); the lane's
+    gives it for this very token (`eventpulse.auth.vouched_principal`); the side server's
     requests come through HAProxy, which strips these headers from what clients send."""
     global _proof
     proof, signature = headers.get(VOUCHED_PROOF), headers.get(VOUCHED_SIGNATURE)

@@ -1,9 +1,10 @@
-"""The hot routes answered without FastAPI's routing and dependency injection.
+"""The hot routes' answers on the side server (`serve/side.py`), without FastAPI's
+routing and dependency injection.
 
-They call the very same functions as their FastAPI twins (which stay, for the OpenAPI
-document and for anything unusual); whatever `hotroutes.match` does not recognise
-exactly goes to FastAPI. Why: `docs/architecture.md`, "Serve's ingress, the fast path
-and Guard".
+They call the very same functions as their FastAPI twins (which answer them on Serve's
+path, and give the OpenAPI document); a join or purchase that is not exactly as
+documented is left to FastAPI, which words its validation errors. Why:
+`docs/architecture.md`, "The side server".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from serve.routes import purchases, queue
 from serve.routes.events import event_response
 from serve.routes.queue import my_entry, shaped
 from serve.schemas import JoinIn, PurchaseIn
-from serve.sse import Feed, Writer, hub
+from serve.sse import EntryEvents
 from serve.routes.tickets import tickets_response
 from serve.runtime import get_runtime
 
@@ -121,7 +122,7 @@ async def _answer(route: str, params: list[str], q: dict[str, str],
         if route == EVENT:
             return await event_response(params[0], inm)
         if route == AVAILABILITY:
-            avail = await get_runtime().availability_of(params[0])
+            avail = await get_runtime().catalog.availability_of(params[0])
             return json(avail, headers={"Cache-Control": "public, max-age=1"})
         if route == QUEUE_ME:
             return json(await my_entry(params[0], p.user_id))
@@ -133,51 +134,12 @@ async def _answer(route: str, params: list[str], q: dict[str, str],
         return _failure(e)
 
 
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
-               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-
-async def stream(params: list[str], q: dict[str, str], headers: dict[bytes, bytes],
-                 scope, receive, send) -> None:
-    """My entry as Server-Sent Events, written straight to the connection.
-
-    The same stream as the FastAPI route's `StreamingResponse`, without the response
-    class's task group, the five middleware `send` wrappers every pushed entry went
-    through and a task per stream to wake: the hub writes each change itself
-    (`serve.sse.Writer`). This request's own coroutine only waits for the client to go.
-    """
-    opened = await open_stream(params[0], q, headers)
-    if isinstance(opened, Response):
-        return await opened(scope, receive, send)
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-
-    async def until_gone() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    await follow(opened, send, until_gone())
-
-
 async def open_stream(event_id: str, q: dict[str, str], headers: dict[bytes, bytes]
-                      ) -> tuple[str, str, dict] | Response:
-    """(event, user, first entry) for a stream to follow, or the error to answer."""
+                      ) -> tuple[str, str, EntryEvents] | Response:
+    """(event, user, its entry's events) for a stream to follow, or the error to answer."""
     try:
         p = authenticate_vouched(_token(headers, q.get("access_token")), headers)
-        return event_id, p.user_id, await my_entry(event_id, p.user_id)
+        first = await my_entry(event_id, p.user_id)
+        return event_id, p.user_id, EntryEvents(first, lambda v: shaped(event_id, v))
     except Exception as e:  # noqa: BLE001 — answered as FastAPI's handlers would
         return _failure(e)
-
-
-async def follow(opened: tuple[str, str, dict], send, gone) -> None:
-    """Write the opening event, then let the hub push changes through `send` (an ASGI
-    send) until `gone` (the client left) completes."""
-    event_id, user_id, first = opened
-    feed = Feed(first, lambda v: shaped(event_id, v))
-    await send({"type": "http.response.body", "body": feed.opening(), "more_body": True})
-    writer = Writer(feed, send)
-    hub.subscribe(event_id, user_id, writer, first)
-    try:
-        await gone
-    finally:
-        hub.unsubscribe(event_id, user_id, writer)
-        await writer.close()

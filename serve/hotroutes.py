@@ -2,8 +2,8 @@
 answers. Everything else that knows their shape is derived from this table:
 
 * `serve.fastpath.match`, which answers them without FastAPI's routing;
-* the replicas' side server (`serve/lane.py`), which serves the `lane` routes;
-* the node's HAProxy rules (`cluster/haproxy.py` renders `haproxy_lane_rules` and
+* the replicas' side server (`serve/side.py`), which serves the `side` routes;
+* the node's HAProxy rules (`cluster/haproxy.py` renders `haproxy_side_rules` and
   `haproxy_edge_acl`): what HAProxy sends to the side server or answers from its cache;
 * the FastAPI routes' own limits (`serve/routes/`), which use the constants below.
 
@@ -68,9 +68,9 @@ class HotRoute:
     path: str                       # FastAPI's template: also the metrics' route label
     query: tuple[Param, ...] = ()
     json_body: bool = False         # the fast path takes only a JSON body
-    lane: bool = True               # the replicas' side server answers it
+    side: bool = True               # the replicas' side server answers it
     edge: bool = False              # HAProxy answers it from a 1 s cache for callers
-                                    # whose token it verified; its misses go to the lane
+                                    # whose token it verified; its misses go to the side server
 
     @property
     def segments(self) -> list[str]:
@@ -100,7 +100,7 @@ class HotRoute:
         return "^(" + "|".join(shapes) + ")$"
 
 
-HEALTH = HotRoute("GET", "/healthz", lane=False)  # HAProxy answers it, and checks the lane with it
+HEALTH = HotRoute("GET", "/healthz", side=False)  # HAProxy answers it, and checks the side server with it
 EVENT = HotRoute("GET", "/api/events/{event_id}", edge=True)
 AVAILABILITY = HotRoute("GET", "/api/events/{event_id}/availability", edge=True)
 QUEUE_ME = HotRoute("GET", "/api/events/{event_id}/queue/me")
@@ -117,7 +117,7 @@ PURCHASE = HotRoute("POST", "/api/events/{event_id}/purchases",
 
 ROUTES = (HEALTH, EVENT, AVAILABILITY, QUEUE_ME, STREAM, POSITION, TICKETS, JOIN, PURCHASE)
 BY_NAME = {r.path: r for r in ROUTES}
-LANE = frozenset(r.path for r in ROUTES if r.lane) | {HEALTH.path}
+SIDE = frozenset(r.path for r in ROUTES if r.side) | {HEALTH.path}
 
 
 
@@ -179,17 +179,17 @@ def haproxy_edge_acl() -> str:
     return "^(" + "|".join(shapes) + ")$"
 
 
-def haproxy_lane_rules() -> str:
-    """HAProxy's frontend rules that send the lane routes to the side server while it is
-    up (`ep_lane_up`); the edge routes reach it through the edge's misses instead."""
+def haproxy_side_rules() -> str:
+    """HAProxy's frontend rules that send the side server routes to the side server while it is
+    up (`ep_side_up`); the edge routes reach it through the edge's misses instead."""
     out = []
-    for n, r in enumerate(r for r in ROUTES if r.lane and not r.edge):
-        cond = f"ep_lane_up {{ method {r.method} }} ep_lane_p{n}"
+    for n, r in enumerate(r for r in ROUTES if r.side and not r.edge):
+        cond = f"ep_side_up {{ method {r.method} }} ep_side_p{n}"
         body = " { req.hdr(content-type) -m beg application/json }" if r.json_body else ""
-        out.append(f"    acl ep_lane_p{n} path_reg {r.path_regex()}\n")
+        out.append(f"    acl ep_side_p{n} path_reg {r.path_regex()}\n")
         if r.takes_no_query():
-            out.append(f"    use_backend ep_lane if {cond} !{{ query -m found }}{body}\n")
+            out.append(f"    use_backend ep_side if {cond} !{{ query -m found }}{body}\n")
         q = r.query_regex()
         if q is not None:
-            out.append(f"    use_backend ep_lane if {cond} {{ query -m reg {q} }}{body}\n")
+            out.append(f"    use_backend ep_side if {cond} {{ query -m reg {q} }}{body}\n")
     return "".join(out)

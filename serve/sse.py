@@ -5,7 +5,8 @@ actor every `POLL_S` for its line's version (with the entries of listeners new s
 last poll), and only when that changed, or every `FULL_S`, for every listener's entry in
 one call. It pushes only the entries that changed in a way a waiting person cares about
 (status, position or offer, or an ETA that moved by more than `ETA_STEP`), writing them
-to the fast path's connections itself (`Writer`). So 8,000 open streams cost a few small
+to the connections itself (`Writer`), on Serve's path (`EntryStream`) and on the side
+server's alike. So 8,000 open streams cost a few small
 actor calls a second, not tens of thousands, and a line that moves all the time does not
 send everyone a new ETA at every poll.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import Awaitable
+from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from eventpulse import metrics
 from serve.batching import direct
@@ -121,24 +124,23 @@ class Hub:
         self._last.pop(event_id, None)
         self._tasks.pop(event_id, None)
 
-    async def stream(self, event_id: str, user_id: str, first: dict[str, Any] | None,
-                     shape) -> AsyncIterator[bytes]:
-        """The SSE byte stream of one listener, for a `StreamingResponse`; `shape` turns a
-        view into the body. (The fast path writes to the connection instead: `Writer`.)"""
-        feed, sink = Feed(first, shape), _QueueSink()
-        self.subscribe(event_id, user_id, sink, first)
+    async def follow(self, event_id: str, user_id: str, events: "EntryEvents", send,
+                     gone: Awaitable[Any]) -> None:
+        """Write the opening event through `send` (an ASGI send), then push the listener's
+        changes through it (`Writer`) until `gone` (the client left) completes."""
+        await send({"type": "http.response.body", "body": events.opening(), "more_body": True})
+        writer = Writer(events, send)
+        self.subscribe(event_id, user_id, writer, events.first)
         try:
-            yield feed.opening()
-            while True:
-                chunk = feed.event(await sink.q.get())
-                if chunk is not None:
-                    yield chunk
+            await gone
         finally:
-            self.unsubscribe(event_id, user_id, sink)
+            self.unsubscribe(event_id, user_id, writer)
+            await writer.close()
 
 
-class Feed:
-    """One listener's SSE events: numbered, with repeats of the last entry dropped."""
+class EntryEvents:
+    """One listener's SSE events of its entry: numbered, with repeats of the last entry
+    dropped."""
 
     def __init__(self, first: dict[str, Any] | None, shape) -> None:
         self.first, self.shape, self.seq = first, shape, 0
@@ -160,16 +162,6 @@ class Feed:
         return b"id: %d\nevent: entry\ndata: %s\n\n" % (self.seq, orjson.dumps(self.shape(item)))
 
 
-class _QueueSink:
-    def __init__(self) -> None:
-        self.q: asyncio.Queue = asyncio.Queue(maxsize=8)
-
-    def deliver(self, item: Any) -> None:
-        if self.q.full():
-            self.q.get_nowait()  # a slow reader only needs the newest state
-        self.q.put_nowait(item)
-
-
 class Writer:
     """Writes a listener's events from the hub's own task straight to the connection.
 
@@ -181,14 +173,14 @@ class Writer:
 
     BACKLOG = 8
 
-    def __init__(self, feed: Feed, send) -> None:
-        self.feed, self.send = feed, send
+    def __init__(self, events: EntryEvents, send) -> None:
+        self.events, self.send = events, send
         self._task: asyncio.Task | None = None
         self._backlog: list[bytes] = []
         self.closed = False
 
     def deliver(self, item: Any) -> None:
-        chunk = self.feed.event(item)
+        chunk = self.events.event(item)
         if chunk is None or self.closed:
             return
         if self._task is not None:
@@ -237,6 +229,29 @@ class Writer:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class EntryStream(Response):
+    """A FastAPI route's answer that streams a listener's entry: the hub writes each change
+    to the connection itself (`Hub.follow`), until the client goes."""
+
+    def __init__(self, event_id: str, user_id: str, events: EntryEvents) -> None:
+        self.event_id, self.user_id, self.events = event_id, user_id, events
+        self.status_code, self.background = 200, None
+        self.raw_headers = list(SSE_HEADERS)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def until_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        await hub.follow(self.event_id, self.user_id, self.events, send, until_gone())
 
 
 hub = Hub()

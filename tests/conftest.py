@@ -172,7 +172,7 @@ def app_env(redis_server: RedisServer | RedisClusterServers, workdir: Path, test
         "EVENTPULSE_JOIN_RATE_LIMIT": "1000",  # the rate-limit test sets its own user up
         "EVENTPULSE_PURCHASE_RECLAIM_IDLE_MS": "3000",
         "EVENTPULSE_REDIS_CLUSTER": "1" if CLUSTER else "0",
-        "EVENTPULSE_LANE_PORT": str(free_port()),  # the lane's routes take it (serve/lane.py)
+        "EVENTPULSE_SIDE_PORT": str(free_port()),  # the side server's routes take it (serve/side.py)
     }
     from cluster.launcher import RAY_ENV, haproxy_env, ray_token
 

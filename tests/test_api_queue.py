@@ -253,6 +253,18 @@ def test_only_news_is_pushed_to_a_stream():
     assert not worth_pushing(None, None)
 
 
+async def listen(hub, event_id: str, user: str, first, sink) -> None:
+    """Follow `user`'s entry on `hub` as a stream does, each written chunk to `sink`,
+    until cancelled (the client going)."""
+    from serve import sse
+
+    async def send(message: dict) -> None:
+        sink(message["body"])
+
+    await hub.follow(event_id, user, sse.EntryEvents(first, lambda v: v), send,
+                     asyncio.get_running_loop().create_future())
+
+
 async def test_hub_beats_every_stream_and_pushes_a_change(http, auth_headers, make_event,
                                                           ray_session, monkeypatch):
     """One hub task serves every stream of an event: heartbeats without a timer per
@@ -268,12 +280,11 @@ async def test_hub_beats_every_stream_and_pushes_a_change(http, auth_headers, ma
     first = (await sse.direct(event["id"], "view_many", [b]))[0]
     chunks: list[tuple[float, bytes]] = []
 
-    async def read():
-        async for chunk in hub.stream(event["id"], b, first, lambda v: v):
-            # one element per SSE event (the opening chunk holds two)
-            chunks.extend((time.monotonic(), e + b"\n\n") for e in chunk.split(b"\n\n") if e)
+    def read(chunk: bytes) -> None:
+        # one element per SSE event (the opening chunk holds two)
+        chunks.extend((time.monotonic(), e + b"\n\n") for e in chunk.split(b"\n\n") if e)
 
-    reader = asyncio.create_task(read())
+    reader = asyncio.create_task(listen(hub, event["id"], b, first, read))
     try:
         await asyncio.sleep(1.2)
         assert [c for _, c in chunks if c.startswith(b"id:")] and chunks[0][1].startswith(b"retry")
@@ -341,9 +352,8 @@ async def test_a_stream_opened_on_a_stale_read_is_corrected_at_once(http, auth_h
     hub = sse.Hub()
     got: dict[str, list[bytes]] = {a: [], b: []}
 
-    async def read(user, first):
-        async for chunk in hub.stream(event["id"], user, first, lambda v: v):
-            got[user].append(chunk)
+    def read(user, first):
+        return listen(hub, event["id"], user, first, got[user].append)
 
     readers = [asyncio.create_task(read(a, (await sse.direct(event["id"], "view_many", [a]))[0]))]
     try:
@@ -363,10 +373,10 @@ async def test_a_stream_opened_on_a_stale_read_is_corrected_at_once(http, auth_h
 
 
 async def test_the_writer_writes_in_place_and_finishes_a_write_that_must_wait():
-    """The fast path's stream writer: a client that keeps up is written to from the
-    hub's own task; a write that must wait (a slow client) finishes in a task of its own
-    and later events follow it in order."""
-    from serve.sse import HEARTBEAT, Feed, Writer
+    """The streams' writer: a client that keeps up is written to from the hub's own task;
+    a write that must wait (a slow client) finishes in a task of its own and later events
+    follow it in order."""
+    from serve.sse import HEARTBEAT, EntryEvents, Writer
 
     sent: list[bytes] = []
     gate: asyncio.Future | None = None
@@ -376,7 +386,7 @@ async def test_the_writer_writes_in_place_and_finishes_a_write_that_must_wait():
             await gate
         sent.append(message["body"])
 
-    writer = Writer(Feed(None, lambda v: v), send)
+    writer = Writer(EntryEvents(None, lambda v: v), send)
     writer.deliver({"position": 3})
     assert len(sent) == 1 and b'"position":3' in sent[0]  # done in place, no task
     gate = asyncio.get_running_loop().create_future()

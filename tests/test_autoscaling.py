@@ -23,9 +23,9 @@ def probe(*args: str) -> dict:
 @pytest.mark.slow
 def test_replicas_rise_under_lane_load_and_fall_after_it():
     seen = probe()  # the policy configs/serve.yaml ships (serve/autoscaling.py)
-    # the load is the user's tickets, which HAProxy sends to the replicas' lane; while the
+    # the load is the user's tickets, which HAProxy sends to the replicas' side server; while the
     # replicas come up HAProxy reloads, and a few requests go through Serve meanwhile
-    assert seen["requests"] > 0 and seen["lane_requests"] >= 0.75 * seen["requests"], seen
+    assert seen["requests"] > 0 and seen["side_requests"] >= 0.75 * seen["requests"], seen
     assert seen["max_running"] >= 2, seen
     assert seen["seconds_to_scale_up"] is not None and seen["seconds_to_scale_up"] < 30, seen
     assert seen["seconds_to_scale_down"] is not None, seen
@@ -37,5 +37,5 @@ def test_serves_own_policy_does_not_see_the_lane():
     """The control for the test above: the same load under Serve's default policy, which
     counts only the requests on Serve's own path, leaves one replica to carry it."""
     seen = probe("--default-policy")
-    assert seen["requests"] > 0 and seen["lane_requests"] >= 0.99 * seen["requests"], seen
+    assert seen["requests"] > 0 and seen["side_requests"] >= 0.99 * seen["requests"], seen
     assert seen["max_running"] == 1, seen

@@ -28,9 +28,9 @@ CLUSTER_YAML = ROOT / "ray-cluster.yaml"
 SERVE_ENV = ("RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "RAY_AUTH_MODE=token",
              'RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response"',
              "RAY_SERVE_HAPROXY_METRICS_ENABLED=0",
-             # every node's HAProxy through our wrapper, and the replicas' lane (cluster/haproxy.py)
+             # every node's HAProxy through our wrapper, and the replicas' side server (cluster/haproxy.py)
              "RAY_SERVE_HAPROXY_BINARY_PATH=$(python -m cluster.haproxy install ",
-             "EVENTPULSE_LANE_PORT=8100")
+             "EVENTPULSE_SIDE_PORT=8100")
 
 
 @pytest.fixture(scope="module")

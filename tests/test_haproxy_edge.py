@@ -54,16 +54,16 @@ def _haproxy_check(path: Path, secret: str | None) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("edge", [True, False])
 def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
-    """With a secret and a lane port (as `eventpulse up` and the tests run), and without."""
+    """With a secret and a side server port (as `eventpulse up` and the tests run), and without."""
     from cluster.haproxy import EDGE_CACHE, edit
 
     serve_500 = tmp_path / "500.http"
     serve_500.write_bytes(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
     ours = tmp_path / "503.http"
     ours.write_bytes(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-    lane = free_port() if edge else 0
+    side = free_port() if edge else 0
     edited = edit(SERVE_SHAPED.format(serve_500=serve_500, port=free_port()),
-                  unavailable=ours, edge=edge, lane_port=lane)
+                  unavailable=ours, edge=edge, side_port=side)
     path = tmp_path / "haproxy.cfg"
     path.write_text(edited)
     out = _haproxy_check(path, "s" * 40 if edge else None)
@@ -83,23 +83,23 @@ def test_the_edited_config_is_valid_haproxy(tmp_path, edge):
     if edge:
         restore = next(i for i, x in enumerate(lines) if "set-header authorization" in x)
         assert lines[restore + 1].strip().startswith("server ")
-    # the lane's routes are chosen before Serve's catch-all, and only with a lane port
-    from serve.hotroutes import haproxy_lane_rules
+    # the side server's routes are chosen before Serve's catch-all, and only with a side server port
+    from serve.hotroutes import haproxy_side_rules
 
     uses = [x.split()[1] for x in lines if x.strip().startswith("use_backend")]
-    lane_rules = haproxy_lane_rules().count("use_backend ep_lane") + 1  # + the edge's misses
-    assert uses == (["ep_lane"] * lane_rules if lane else []) + ["http-eventpulse"]
-    if lane:  # the edge's cache misses go to the lane, with the token it set aside
-        lane_at = lines.index("backend ep_lane")
-        restored = next(i for i, x in enumerate(lines) if i > lane_at and "set-header authorization" in x)
+    side_rules = haproxy_side_rules().count("use_backend ep_side") + 1  # + the edge's misses
+    assert uses == (["ep_side"] * side_rules if side else []) + ["http-eventpulse"]
+    if side:  # the edge's cache misses go to the side server, with the token it set aside
+        side_at = lines.index("backend ep_side")
+        restored = next(i for i, x in enumerate(lines) if i > side_at and "set-header authorization" in x)
         assert restored < next(i for i, x in enumerate(lines) if "set-header x-ep-verified" in x)
-    assert (f"server lane 127.0.0.1:{lane} check" in edited) is bool(lane)
+    assert (f"server side 127.0.0.1:{side} check" in edited) is bool(side)
     # no client can claim HAProxy verified its token: the headers go before any routing;
-    # HAProxy sets them only on the lane's requests, and only with the secret
+    # HAProxy sets them only on the side server's requests, and only with the secret
     strip = [i for i, x in enumerate(lines) if "del-header x-ep-" in x]
     assert len(strip) == 2 and max(strip) < lines.index(
         next(x for x in lines if x.strip().startswith("use_backend")))
-    assert ("set-header x-ep-verified" in edited) is (edge and bool(lane))
+    assert ("set-header x-ep-verified" in edited) is (edge and bool(side))
 
 
 def test_a_config_not_shaped_like_serves_is_refused_not_half_edited(tmp_path):

@@ -77,11 +77,11 @@ def deployed(tmp_path: Path) -> str:
 def test_the_edits_land_on_the_installed_serves_own_config(tmp_path, unavailable, deployed):
     from cluster.haproxy import EDGE_CACHE, PROOF_ENV, SECRET_ENV, edit, haproxy_binary
 
-    lane = free_port()
+    side = free_port()
     assert f"backend http-{APP}\n" in deployed and "option splice-request" in deployed
-    edited = edit(deployed, unavailable=unavailable, edge=True, lane_port=lane)
+    edited = edit(deployed, unavailable=unavailable, edge=True, side_port=side)
     assert "# Event-Pulse edge" in edited and f"cache {EDGE_CACHE}" in edited
-    assert "backend ep_lane" in edited and f"server lane 127.0.0.1:{lane} check" in edited
+    assert "backend ep_side" in edited and f"server side 127.0.0.1:{side} check" in edited
     assert "option splice-" not in edited and "option httplog" not in edited
     errorfiles = re.findall(r"^\s*errorfile (50[234]) (\S+)$", edited, re.M)
     assert [code for code, _ in errorfiles] == ["502", "503", "504"]
@@ -106,7 +106,7 @@ def test_serves_config_before_the_app_exists_is_accepted(tmp_path, unavailable):
 
     config = _render(tmp_path, None)
     assert "backend http-" not in config
-    edited = edit(config, unavailable=unavailable, edge=True, lane_port=free_port())
+    edited = edit(config, unavailable=unavailable, edge=True, side_port=free_port())
     assert "# Event-Pulse edge" not in edited and "option splice-" not in edited
     assert f"errorfile 503 {unavailable}" in edited
 
@@ -119,8 +119,8 @@ def test_an_app_without_running_replicas_is_accepted(tmp_path, unavailable):
     config = _render(tmp_path, {APP: 0}, fallback=False)
     assert f"backend http-{APP}\n" in config
     assert not re.search(r"^\s*server ", config.split(f"backend http-{APP}\n")[1], re.M)
-    edited = edit(config, unavailable=unavailable, edge=True, lane_port=free_port())
-    assert "# Event-Pulse edge" in edited and "backend ep_lane" in edited
+    edited = edit(config, unavailable=unavailable, edge=True, side_port=free_port())
+    assert "# Event-Pulse edge" in edited and "backend ep_side" in edited
 
 
 def _without(pattern: str):
@@ -144,7 +144,7 @@ def test_a_config_without_an_anchor_is_refused(unavailable, deployed, anchor):
     broken = mutate(deployed)
     assert broken != deployed
     with pytest.raises(TemplateChanged) as raised:
-        edit(broken, unavailable=unavailable, edge=True, lane_port=free_port())
+        edit(broken, unavailable=unavailable, edge=True, side_port=free_port())
     _assert_explains(str(raised.value), missing)
     assert SERVE_PIN in str(raised.value)
 

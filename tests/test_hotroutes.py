@@ -1,5 +1,5 @@
 """The hot routes' table (`serve/hotroutes.py`) and everything derived from it: the fast
-path's matcher, the lane's routes, HAProxy's rules and FastAPI's limits agree, so a
+path's matcher, the side server's routes, HAProxy's rules and FastAPI's limits agree, so a
 request gets the same answer whichever server HAProxy sends it to."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_the_tables_limits_are_fastapis():
                 assert limits[(route.path, p.name)] == p.max_len, (route.path, p.name)
 
 
-def _where(lane_port: int, serve_port: int, expected: list[tuple[str, str, str, dict]]
+def _where(side_port: int, serve_port: int, expected: list[tuple[str, str, str, dict]]
            ) -> list[str]:
     """Which backend the real HAProxy, on the config `cluster.haproxy` renders, sends
     each request to: two small servers that answer with their own name."""
@@ -87,7 +87,7 @@ def _where(lane_port: int, serve_port: int, expected: list[tuple[str, str, str, 
 
     async def run(port: int) -> list[str]:
         runners = []
-        for name, where in (("lane", lane_port), ("serve", serve_port)):
+        for name, where in (("side", side_port), ("serve", serve_port)):
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}",
                                  lambda _r, name=name: web.json_response({"at": name}))
@@ -97,10 +97,10 @@ def _where(lane_port: int, serve_port: int, expected: list[tuple[str, str, str, 
             runners.append(runner)
         try:
             async with ClientSession(f"http://127.0.0.1:{port}") as s:
-                for _ in range(100):  # until HAProxy's health check sees the lane up
+                for _ in range(100):  # until HAProxy's health check sees the side server up
                     try:
                         async with s.get("/api/events/e1/queue/me") as r:
-                            if (await r.json())["at"] == "lane":
+                            if (await r.json())["at"] == "side":
                                 break
                     except (ClientConnectionError, ValueError):
                         pass
@@ -119,31 +119,31 @@ def _where(lane_port: int, serve_port: int, expected: list[tuple[str, str, str, 
 
 
 def test_haproxy_sends_the_lane_exactly_what_the_lane_matches(tmp_path):
-    """The real HAProxy on the rendered rules: a request it sends to the lane is one the
-    lane's matcher takes; every lane route's valid shape goes there; the rest, the
+    """The real HAProxy on the rendered rules: a request it sends to the side server is one the
+    side server's matcher takes; every side-server route's valid shape goes there; the rest, the
     `eventId` of 65-128 characters among them, to Serve (whose FastAPI answers 422)."""
     from cluster.haproxy import edit, haproxy_binary
     from tests.conftest import free_port
     from tests.test_haproxy_edge import SERVE_SHAPED
 
-    lane_port, serve_port, port = free_port(), free_port(), free_port()
+    side_port, serve_port, port = free_port(), free_port(), free_port()
     (tmp_path / "500.http").write_bytes(b"HTTP/1.1 500 x\r\nContent-Length: 0\r\n\r\n")
     config = SERVE_SHAPED.format(serve_500=tmp_path / "500.http", port=port).replace(
         "127.0.0.1:9 check", f"127.0.0.1:{serve_port} check")
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(edit(config, unavailable=tmp_path / "500.http", edge=False,
-                        lane_port=lane_port))
+                        side_port=side_port))
     requests = [(m, p, q, h) for m, p, q, h, _ in CASES]
     proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], env={"PATH": "/usr/bin"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        seen = asyncio.run(_where(lane_port, serve_port, requests)(port))
+        seen = asyncio.run(_where(side_port, serve_port, requests)(port))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
     for (method, path, query, headers, route), at in zip(CASES, seen):
-        to_lane = route is not None and route.lane and not route.edge
-        expected = "haproxy" if path == H.HEALTH.path else "lane" if to_lane else "serve"
+        to_side = route is not None and route.side and not route.edge
+        expected = "haproxy" if path == H.HEALTH.path else "side" if to_side else "serve"
         assert at == expected, (method, path, query, at)
 
 

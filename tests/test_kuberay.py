@@ -82,8 +82,8 @@ def test_serve_config_v2_names_the_app(serve_config: dict[str, Any]) -> None:
     (ingress,) = app["deployments"]
     auto = ingress["autoscaling_config"]
     assert 1 <= auto["min_replicas"] <= auto["initial_replicas"] <= auto["max_replicas"]
-    # the lane's requests count for scaling on the cluster as on one machine
-    assert auto["policy"]["policy_function"] == "serve.autoscaling:lane_aware_policy"
+    # the side server's requests count for scaling on the cluster as on one machine
+    assert auto["policy"]["policy_function"] == "serve.autoscaling:side_aware_policy"
 
 
 def test_serve_config_v2_passes_rays_serve_schema(serve_config: dict[str, Any]) -> None:

@@ -6,7 +6,17 @@ from __future__ import annotations
 import asyncio
 
 from eventpulse import metrics
+from eventpulse.settings import Settings
+from serve.admission import Admission
 from serve.middleware import Guard
+from serve.runtime import get_runtime
+
+
+def guard(app, max_streams: int = 10) -> Guard:
+    rt = get_runtime()
+    bounds = Settings(_env_file=None, max_body_bytes=1024, max_in_flight=10,
+                      max_streams=max_streams)
+    return Guard(app, Admission(rt, bounds))
 
 
 def http_counts() -> dict[str, float]:
@@ -24,7 +34,7 @@ async def _call(app) -> None:
     async def send(message):
         pass
 
-    await Guard(app, max_body=1024, max_in_flight=10, max_streams=10)(scope, receive, send)
+    await guard(app)(scope, receive, send)
 
 
 def test_a_request_cancelled_before_its_answer_counts_as_499_and_a_crash_as_500():
@@ -70,8 +80,6 @@ def test_a_stream_past_the_replicas_bound_is_refused_at_once_with_503():
     answered 503 `streams_full` with Retry-After at once, without reaching the app."""
     import orjson
 
-    from serve.runtime import get_runtime
-
     async def go() -> tuple[list[dict], bool]:
         reached = False
 
@@ -92,7 +100,7 @@ def test_a_stream_past_the_replicas_bound_is_refused_at_once_with_503():
         rt = get_runtime()
         before, rt.sse_open = rt.sse_open, 3
         try:
-            await Guard(app, max_body=1024, max_in_flight=10, max_streams=3)(scope, receive, send)
+            await guard(app, max_streams=3)(scope, receive, send)
         finally:
             rt.sse_open = before
         return sent, reached

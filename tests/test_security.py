@@ -135,7 +135,7 @@ def test_a_token_taken_on_haproxys_word_is_one_pyjwt_accepts_too():
         if fast is not None:
             taken += 1
             assert slow == fast, name
-    # the plain shapes are taken, so the lane's requests really skip PyJWT
+    # the plain shapes are taken, so the side server's requests really skip PyJWT
     assert all(vouched_principal(cases[k]) is not None
                for k in ("as minted", "plain", "with kid", "no roles, no iat, no nbf", "by hand"))
     assert vouched_principal(cases["as minted"]).roles == frozenset({"admin"})
@@ -143,7 +143,7 @@ def test_a_token_taken_on_haproxys_word_is_one_pyjwt_accepts_too():
 
 
 def test_haproxy_tells_the_lane_which_tokens_it_verified_and_no_client_can(tmp_path):
-    """The real HAProxy on the edited config, its lane a small server that shows what it
+    """The real HAProxy on the edited config, its side server a small server that shows what it
     received: a valid token arrives with the signature HAProxy checked and the proof; a
     token signed with another secret, or headers a client made up, arrive without."""
     import asyncio
@@ -159,10 +159,10 @@ def test_haproxy_tells_the_lane_which_tokens_it_verified_and_no_client_can(tmp_p
     from tests.test_haproxy_edge import SERVE_SHAPED
 
     secret = secrets.token_urlsafe(32)
-    lane_port, port = free_port(), free_port()
+    side_port, port = free_port(), free_port()
     seen: list[dict[str, str]] = []
 
-    async def lane(request: web.Request) -> web.Response:
+    async def side(request: web.Request) -> web.Response:
         if request.path != "/healthz":
             seen.append({k.lower(): v for k, v in request.headers.items()
                          if k.lower().startswith("x-ep-")})
@@ -171,22 +171,22 @@ def test_haproxy_tells_the_lane_which_tokens_it_verified_and_no_client_can(tmp_p
     (tmp_path / "500.http").write_bytes(b"HTTP/1.1 500 x\r\nContent-Length: 0\r\n\r\n")
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(edit(SERVE_SHAPED.format(serve_500=tmp_path / "500.http", port=port),
-                        unavailable=tmp_path / "500.http", edge=True, lane_port=lane_port))
+                        unavailable=tmp_path / "500.http", edge=True, side_port=side_port))
     env = {"PATH": "/usr/bin:/bin", SECRET_ENV: secret, PROOF_ENV: edge_proof(secret)}
 
     async def run(proc: subprocess.Popen) -> None:
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", lane)
+        app.router.add_route("*", "/{tail:.*}", side)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", lane_port).start()
+        await web.TCPSite(runner, "127.0.0.1", side_port).start()
         try:
             good = mint_token("ann", secret=secret)
             bad = mint_token("mallory", ["admin"], secret=secrets.token_urlsafe(32))
             made_up = {"X-EP-Verified": bad.rsplit(".", 1)[1], "X-EP-Proof": edge_proof(secret)}
             url = f"http://127.0.0.1:{port}/api/events/e1/queue/me"
             async with ClientSession() as s:
-                for _ in range(100):  # until HAProxy's health check sees the lane up
+                for _ in range(100):  # until HAProxy's health check sees the side server up
                     assert proc.poll() is None, "HAProxy refused the edited config"
                     try:
                         async with s.get(url) as r:

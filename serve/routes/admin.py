@@ -26,20 +26,20 @@ _replicas: dict = {"at": 0.0, "value": None}
 @router.get("/events/{event_id}/queue")
 async def queue_stats(event_id: str, p: User) -> dict:
     """Line stats: waiting, live offers, sold, held, outflow, pause state."""
-    require_organizer(p, await get_runtime().event(event_id))
+    require_organizer(p, await get_runtime().catalog.event(event_id))
     return json({"event_id": event_id, **await direct(event_id, "stats")})
 
 
 @router.patch("/events/{event_id}/queue")
 async def steer_queue(event_id: str, body: QueueSettingsIn, p: User) -> dict:
     """Pause/resume, offers per minute, max live offers (`unlimited_outflow` clears both)."""
-    require_organizer(p, await get_runtime().event(event_id))
+    require_organizer(p, await get_runtime().catalog.event(event_id))
     changes = body.model_dump(exclude_none=True)
     if changes.pop("unlimited_outflow", False):
         changes["offers_per_minute"] = None
         changes["max_live_offers"] = None
     stats = await direct(event_id, "configure", changes)
-    await get_runtime().announce_event_change(event_id)
+    await get_runtime().catalog.announce_change(event_id)
     return json({"event_id": event_id, **stats})
 
 
@@ -47,10 +47,10 @@ async def steer_queue(event_id: str, body: QueueSettingsIn, p: User) -> dict:
 async def cancel(event_id: str, p: User):
     """Close the line and refund every ticket; idempotent."""
     rt = get_runtime()
-    require_organizer(p, await rt.event(event_id))
+    require_organizer(p, await rt.catalog.event(event_id))
     await direct(event_id, "close")
     refunded = await ledger.Ledger(rt.redis).refund_event(event_id)
-    await rt.announce_event_change(event_id)
+    await rt.catalog.announce_change(event_id)
     return json({"event_id": event_id, "state": "cancelled", "refunded_tickets": refunded})
 
 
@@ -68,8 +68,8 @@ async def deployment_stats(p: User) -> dict:
 
 
 def _hit_rate(rt) -> float | None:
-    hits = sum(c.hits for c in (rt.events, rt.availability, rt.tickets))
-    total = hits + sum(c.misses for c in (rt.events, rt.availability, rt.tickets))
+    hits = sum(c.hits for c in (rt.catalog.events, rt.catalog.availability, rt.tickets))
+    total = hits + sum(c.misses for c in (rt.catalog.events, rt.catalog.availability, rt.tickets))
     return round(hits / total, 4) if total else None
 
 

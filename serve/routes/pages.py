@@ -15,5 +15,5 @@ _PAGE = files("serve").joinpath("static/waiting_room.html").read_bytes()
 
 @router.get("/events/{event_id}/waiting-room")
 async def waiting_room(event_id: str):
-    await get_runtime().event(event_id)  # 404 in the envelope for unknown events
+    await get_runtime().catalog.event(event_id)  # 404 in the envelope for unknown events
     return HTMLResponse(_PAGE, headers={"Cache-Control": "public, max-age=60"})

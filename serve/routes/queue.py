@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from starlette.responses import StreamingResponse
 
 from actors.line import MAX_USER_LEN
 from eventpulse.auth import Principal
@@ -29,7 +28,7 @@ from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.responses import json
 from serve.runtime import get_runtime
 from serve.schemas import Entry, JoinIn
-from serve.sse import hub
+from serve.sse import EntryEvents, EntryStream
 
 router = APIRouter(tags=["queue"], responses=ERRORS)
 User = Annotated[Principal, Depends(principal)]
@@ -41,8 +40,8 @@ def shaped(event_id: str, view: dict[str, Any]) -> dict[str, Any]:
 
 async def my_entry(event_id: str, user_id: str) -> dict[str, Any]:
     rt = get_runtime()
-    await rt.event(event_id)
-    view = await rt.entry(event_id, user_id)
+    await rt.catalog.event(event_id)
+    view = await rt.entries.read(event_id, user_id)
     if view is None:
         raise EntryNotFound(f"user {user_id} has not joined the line of event {event_id}")
     return shaped(event_id, view)
@@ -52,12 +51,12 @@ async def my_entry(event_id: str, user_id: str) -> dict[str, Any]:
 async def join(event_id: str, body: JoinIn, p: User):
     """Join the line (idempotent: joining again returns the live entry)."""
     rt = get_runtime()
-    event = await rt.event(event_id)
+    event = await rt.catalog.event(event_id)
     if event["state"] == "cancelled":
         raise QueueClosed(f"event {event_id} was cancelled")
     if body.quantity > event["max_per_user"]:
         raise InvalidInput(f"quantity must be between 1 and {event['max_per_user']}")
-    if event_id in rt.sold_out:  # a refusal: no place is given, so none is counted
+    if event_id in rt.catalog.sold_out:  # a refusal: no place is given, so none is counted
         await sold_out_refusal(event_id, event, p.user_id, body.ticket_type)
     s = rt.settings
     await ratelimit.hit(rt.redis, p.user_id, "join", s.join_rate_limit, s.join_rate_window_s,
@@ -66,9 +65,9 @@ async def join(event_id: str, body: JoinIn, p: User):
         view = await rt.coalescer.call(event_id, "many", (
             "join_many", (p.user_id, body.quantity, body.ticket_type, None)))
     except SoldOut:
-        rt.learn_sold_out(event_id)
+        rt.catalog.learn_sold_out(event_id)
         raise
-    rt.availability.invalidate(event_id)
+    rt.catalog.availability.invalidate(event_id)
     return json(shaped(event_id, view))
 
 
@@ -89,14 +88,14 @@ async def sold_out_refusal(event_id: str, event: dict[str, Any], user_id: str,
     it would make every refusal wait for a Redis call, when the answer itself needs none.
     """
     rt = get_runtime()
-    rt.sold_out_refusals += 1
+    rt.catalog.sold_out_refusals += 1
     if not 0 < len(user_id) <= MAX_USER_LEN:
         raise InvalidInput(f"user must be a string of 1..{MAX_USER_LEN} characters")
     types = [t["name"] for t in event["ticket_types"]]
     name = types[0] if ticket_type is None else ticket_type
     if name not in types:
         raise InvalidInput(f"unknown ticket type {name!r}")
-    if await rt.has_bought(event_id, user_id, event["total_tickets"]):
+    if await rt.catalog.has_bought(event_id, user_id, event["total_tickets"]):
         raise AlreadyPurchased("you already bought tickets for this event")
     raise SoldOut(f"{name!r} is sold out")
 
@@ -125,10 +124,7 @@ async def stream(event_id: str, p: User):
     A reconnecting client gets the current state first, so no change is missed.
     """
     first = await my_entry(event_id, p.user_id)
-    return StreamingResponse(
-        hub.stream(event_id, p.user_id, first, lambda v: shaped(event_id, v)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EntryStream(event_id, p.user_id, EntryEvents(first, lambda v: shaped(event_id, v)))
 
 
 @router.delete("/api/events/{event_id}/queue/me", response_model=Entry)
@@ -146,7 +142,7 @@ async def release(event_id: str, p: User):
 async def _change_mine(event_id: str, user_id: str, method: str):
     """One actor call that changes the caller's entry; availability changes with it."""
     rt = get_runtime()
-    await rt.event(event_id)
+    await rt.catalog.event(event_id)
     view = await direct(event_id, method, user_id)
-    rt.availability.invalidate(event_id)
+    rt.catalog.availability.invalidate(event_id)
     return json(shaped(event_id, view))

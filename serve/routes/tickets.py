@@ -21,7 +21,8 @@ from serve.errors import ErrorEnvelope_responses as ERRORS
 from serve.hotroutes import EVENT_ID_MAX, FIELDS_MAX
 from serve.responses import cached_json, json
 from serve.routes.events import public
-from serve.runtime import get_runtime, valid_id
+from serve.catalog import valid_id
+from serve.runtime import get_runtime
 from serve.schemas import Ticket
 
 router = APIRouter(tags=["tickets"], responses=ERRORS)
@@ -45,14 +46,14 @@ async def _with_events(tickets: list[dict]) -> list[dict]:
     events: dict[str, dict] = {}
     missing = []
     for eid in {t["event_id"] for t in tickets}:
-        doc = rt.events.get(eid)
+        doc = rt.catalog.events.get(eid)
         if doc is None:
             missing.append(eid)
         else:
             events[eid] = doc
     if missing:
         for eid, doc in (await ledger.get_events(rt.redis, missing)).items():
-            rt.events.put(eid, doc)
+            rt.catalog.events.put(eid, doc)
             events[eid] = doc
     return [{**t, "event": public(events[t["event_id"]]) if t["event_id"] in events else None}
             for t in tickets]
