@@ -13,8 +13,8 @@ from eventpulse.redis import RedisClient, script
 # INCR each key and arm its window's expiry, in one call: a pipeline costs redis-py
 # several times the CPU of one script call, and joins arrive in bursts. One user's key
 # (a slot of its own in a Redis Cluster), or on one Redis the keys of the joins a replica
-# takes in the same few milliseconds: a join's count was a fifth of a side server join's replica
-# CPU, mostly redis-py's per-call encoding and parsing (`py-spy`, `docs/benchmarks.md`).
+# takes in the same few milliseconds. Counted one call each, a join's count is a fifth of
+# a join's replica CPU, mostly redis-py's per-call encoding and parsing (`py-spy`).
 _HIT_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def test_the_wheel_carries_the_files_the_code_opens(wheel):
 
 @pytest.mark.slow
 def test_the_installed_wheel_runs_the_system_outside_the_checkout(wheel, grafana,  # noqa: F811
-                                                                  tmp_path_factory):
+                                                                  tmp_path_factory, request):
     venv = tmp_path_factory.mktemp("venv")
     home, cwd = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("cwd")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -56,7 +58,10 @@ def test_the_installed_wheel_runs_the_system_outside_the_checkout(wheel, grafana
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EVENTPULSE_", "RAY_", "PYTHON"))}
-    env.update(HOME=str(home), EVENTPULSE_PORT=str(port))
+    # a Ray temporary root of its own, apart from the test session's (tests/test_launcher.py)
+    ray_root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    request.addfinalizer(lambda: shutil.rmtree(ray_root, ignore_errors=True))
+    env.update(HOME=str(home), EVENTPULSE_PORT=str(port), RAY_TMPDIR=ray_root)
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([*args], env=env, cwd=cwd, capture_output=True, text=True,

@@ -2,8 +2,10 @@
 
 Every command runs with a `HOME` of its own (nothing in `~` from before, no `~/.ray`) and
 from a directory of its own, so nothing the project silently takes from this machine or
-from the checkout is hidden. Runs first (file name) so the full `up` starts its own Ray
-before the session's Ray.
+from the checkout is hidden, and with a Ray temporary root of its own (`RAY_TMPDIR`): `ray
+start` writes the machine's current-cluster file and Prometheus' discovery file there, so
+an instance started here never points the test session's Ray, or anything that looks for
+it, at a cluster that is gone. So these tests run in any order with the others.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ def elsewhere(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cwd")
 
 
+# short: Ray's socket paths under it must stay within the kernel's 107 characters
+RAY_ROOT = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+
+
 def run(args, env_extra, timeout=400, *, home=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTPULSE_", "RAY_"))}
+    env["RAY_TMPDIR"] = RAY_ROOT
     env.update(env_extra)
     env["HOME"] = str(home or tempfile.mkdtemp(prefix="ep-home-"))  # never the real one
     return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True,
@@ -332,3 +339,12 @@ def test_prometheus_finds_ray_under_the_temp_directory_ray_uses(tmp_path, monkey
     assert discovery_file() == tmp_path / "ray" / DISCOVERY_FILE_NAME
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "r"))
     assert discovery_file() == tmp_path / "r" / "ray" / DISCOVERY_FILE_NAME
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_root():
+    """Remove the launcher tests' Ray temporary root after them."""
+    yield
+    import shutil
+
+    shutil.rmtree(RAY_ROOT, ignore_errors=True)
