@@ -141,6 +141,40 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """A Ray temporary root (`RAY_TMPDIR`) of the test's own, for a Ray it starts in a
+    subprocess (`eventpulse up`, `ray.cluster_utils.Cluster`).
+
+    `ray start` and `Cluster` write the machine's current-cluster file (what `ray.init()`
+    and `ray.init(address="auto")` connect to) and Prometheus' discovery file into Ray's
+    temporary root: under one of its own, such a Ray never points the session's Ray, or
+    anything that looks for it, at a cluster that is gone, so the test runs in any order.
+    Short, because Ray's unix socket paths under it must stay within 107 characters.
+    Removed after the test, with any process still running under it (a test that
+    failed or timed out before its Ray was stopped).
+    """
+    root = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        import psutil
+
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if p.pid != os.getpid() and str(root) in " ".join(p.info["cmdline"] or ())]
+        for p in left:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        for p in psutil.wait_procs(left, timeout=15)[1]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
 CLUSTER = os.environ.get("EVENTPULSE_TEST_REDIS", "single") == "cluster"
 
 

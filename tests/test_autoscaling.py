@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
 
-def probe(*args: str) -> dict:
+def probe(ray_tmpdir: Path, *args: str) -> dict:
+    """The probe's 2-node cluster, under a Ray temporary root of its own (conftest.ray_tmpdir)."""
     out = subprocess.run([sys.executable, "-m", "bench.autoscale_probe", *args], cwd=ROOT,
+                         env={**os.environ, "RAY_TMPDIR": str(ray_tmpdir)},
                          capture_output=True, text=True, timeout=420)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
@@ -21,8 +25,8 @@ def probe(*args: str) -> dict:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_replicas_rise_under_lane_load_and_fall_after_it():
-    seen = probe()  # the policy configs/serve.yaml ships (serve/autoscaling.py)
+def test_replicas_rise_under_lane_load_and_fall_after_it(ray_tmpdir):
+    seen = probe(ray_tmpdir)  # the policy configs/serve.yaml ships (serve/autoscaling.py)
     # the load is the user's tickets, which HAProxy sends to the replicas' side server; while the
     # replicas come up HAProxy reloads, and a few requests go through Serve meanwhile
     assert seen["requests"] > 0 and seen["side_requests"] >= 0.75 * seen["requests"], seen
@@ -33,9 +37,9 @@ def test_replicas_rise_under_lane_load_and_fall_after_it():
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_serves_own_policy_does_not_see_the_lane():
+def test_serves_own_policy_does_not_see_the_lane(ray_tmpdir):
     """The control for the test above: the same load under Serve's default policy, which
     counts only the requests on Serve's own path, leaves one replica to carry it."""
-    seen = probe("--default-policy")
+    seen = probe(ray_tmpdir, "--default-policy")
     assert seen["requests"] > 0 and seen["side_requests"] >= 0.99 * seen["requests"], seen
     assert seen["max_running"] == 1, seen

@@ -18,11 +18,12 @@ from bench.reliability import record
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.cluster]
 
 
-def test_lost_worker_node_moves_its_event_actor_with_the_line_intact(redis_server, tmp_path):
+def test_lost_worker_node_moves_its_event_actor_with_the_line_intact(redis_server, tmp_path,
+                                                                     ray_tmpdir):
     started = time.monotonic()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTPULSE_", "RAY_"))}
     env.update({"EVENTPULSE_REDIS_URL": redis_server.url, "EVENTPULSE_TOKEN_SECRET": "x" * 32,
-                "EVENTPULSE_DATA_DIR": str(tmp_path),
+                "EVENTPULSE_DATA_DIR": str(tmp_path), "RAY_TMPDIR": str(ray_tmpdir),
                 "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)})
     run = subprocess.run([sys.executable, "-m", "bench.node_loss", str(free_port())], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=400)

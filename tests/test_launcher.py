@@ -2,10 +2,11 @@
 
 Every command runs with a `HOME` of its own (nothing in `~` from before, no `~/.ray`) and
 from a directory of its own, so nothing the project silently takes from this machine or
-from the checkout is hidden, and with a Ray temporary root of its own (`RAY_TMPDIR`): `ray
-start` writes the machine's current-cluster file and Prometheus' discovery file there, so
-an instance started here never points the test session's Ray, or anything that looks for
-it, at a cluster that is gone. So these tests run in any order with the others.
+from the checkout is hidden, and with a Ray temporary root of the test's own
+(`RAY_TMPDIR`, the `ray_tmpdir` fixture): `ray start` writes the machine's current-cluster
+file and Prometheus' discovery file there, so an instance started here never points the
+test session's Ray, or anything that looks for it, at a cluster that is gone. So these
+tests run in any order with the others.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psutil
@@ -39,15 +41,25 @@ def elsewhere(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cwd")
 
 
-# short: Ray's socket paths under it must stay within the kernel's 107 characters
-RAY_ROOT = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+# The running test's Ray temporary root (`_own_ray_root`): every command of the test uses it.
+_ray_root: Path | None = None
+
+
+@pytest.fixture(autouse=True)
+def _own_ray_root(ray_tmpdir: Path) -> Iterator[Path]:
+    global _ray_root
+    _ray_root = ray_tmpdir
+    yield ray_tmpdir
+    _ray_root = None
 
 
 def run(args, env_extra, timeout=400, *, home=None, cwd=None):
+    assert _ray_root is not None, "run() needs the _own_ray_root fixture"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTPULSE_", "RAY_"))}
-    env["RAY_TMPDIR"] = RAY_ROOT
+    env["RAY_TMPDIR"] = str(_ray_root)
     env.update(env_extra)
-    env["HOME"] = str(home or tempfile.mkdtemp(prefix="ep-home-"))  # never the real one
+    # never the real HOME; a fresh one under the test's root, removed with it
+    env["HOME"] = str(home or tempfile.mkdtemp(prefix="home-", dir=_ray_root))
     return subprocess.run([str(BIN), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
 
@@ -246,6 +258,9 @@ def test_up_with_serves_own_proxy_answers_through_it_and_starts_no_haproxy(tmp_p
         assert out.returncode == 0, out.stderr[-3000:]
         state = json.loads((tmp_path / "launcher.json").read_text())
         assert state["ingress"] == "serve"
+        # `ray start` took the Ray temporary root it was given, not the session's
+        current = _ray_root / "ray" / "ray_current_cluster"
+        assert current.read_text().endswith(f":{state['gcs_port']}")
         assert "Serve's proxy" in run(["status"], env).stderr
         assert not [p for p in psutil.process_iter(["cmdline"])
                     if "haproxy" in " ".join(p.info["cmdline"] or ())
@@ -339,12 +354,3 @@ def test_prometheus_finds_ray_under_the_temp_directory_ray_uses(tmp_path, monkey
     assert discovery_file() == tmp_path / "ray" / DISCOVERY_FILE_NAME
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "r"))
     assert discovery_file() == tmp_path / "r" / "ray" / DISCOVERY_FILE_NAME
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray_root():
-    """Remove the launcher tests' Ray temporary root after them."""
-    yield
-    import shutil
-
-    shutil.rmtree(RAY_ROOT, ignore_errors=True)

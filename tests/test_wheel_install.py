@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -46,7 +44,7 @@ def test_the_wheel_carries_the_files_the_code_opens(wheel):
 
 @pytest.mark.slow
 def test_the_installed_wheel_runs_the_system_outside_the_checkout(wheel, grafana,  # noqa: F811
-                                                                  tmp_path_factory, request):
+                                                                  tmp_path_factory, ray_tmpdir):
     venv = tmp_path_factory.mktemp("venv")
     home, cwd = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("cwd")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -58,10 +56,8 @@ def test_the_installed_wheel_runs_the_system_outside_the_checkout(wheel, grafana
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EVENTPULSE_", "RAY_", "PYTHON"))}
-    # a Ray temporary root of its own, apart from the test session's (tests/test_launcher.py)
-    ray_root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    request.addfinalizer(lambda: shutil.rmtree(ray_root, ignore_errors=True))
-    env.update(HOME=str(home), EVENTPULSE_PORT=str(port), RAY_TMPDIR=ray_root)
+    # a Ray temporary root of its own, apart from the test session's (conftest.ray_tmpdir)
+    env.update(HOME=str(home), EVENTPULSE_PORT=str(port), RAY_TMPDIR=str(ray_tmpdir))
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([*args], env=env, cwd=cwd, capture_output=True, text=True,
