@@ -6,7 +6,7 @@ to the journal before the caller is answered, with group commit: facts produced 
 journal trimmed. On (re)start the actor loads the snapshot, replays the journal tail and
 re-arms its timer from the line's absolute deadlines.
 
-Methods are batched (`join_many`, `view_many`, …): one actor call costs ~0.4–1 ms here,
+Methods are batched (`join_many`, `read_many`, …): one actor call costs ~0.4–1 ms here,
 while 1,000 operations in one call run at ~700,000/s.
 """
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Callers wait this long for their facts to reach Redis before being told to retry; the
 # facts stay queued and are written once Redis is back, so a retry finds them.
 DURABLE_WAIT_S = 5.0
-MANY = ("join_many", "read_many", "view_many")  # what `EventQueue.many` carries, in its order
+MANY = ("join_many", "read_many")  # what `EventQueue.many` carries, in its order
 METRICS_EVERY_S = 5.0
 
 
@@ -321,19 +321,11 @@ class EventQueue:
 
         return await by_kind(items, run)
 
-    async def view_many(self, users: list[str], touch: bool = True) -> list[dict[str, Any] | None]:
-        """Entries of many users (None where absent); reading counts as being seen."""
-        line = await self._ready()
-        now = time.time()
-        if touch:
-            for u in users:
-                line.touch(u, now)
-        return [view_dict(v) for v in line.view_many(users, now)]
-
     async def read_many(self, users: list[str]
                         ) -> list[tuple[str, int, dict[str, Any] | None, int, int]]:
-        """`view_many` for a replica that keeps what it read (`serve.mirror`): per user the
-        feed and fact count the view is exact at, the view, and the entry's (lane, slot)."""
+        """Entries of many users, reading counts as being seen: per user the feed and fact
+        count the view is exact at, the view (None where absent), and the entry's (lane,
+        slot), for a replica that keeps what it read (`serve.mirror`)."""
         line = await self._ready()
         now = time.time()
         feed, count = self.feed.id, self._applied
@@ -355,18 +347,6 @@ class EventQueue:
             line.touch(user, now)
         count = self._applied
         return self.feed.id, count, line.outflow(now), self.feed.after(seen, count)
-
-    async def watch_many(self, users: list[str]) -> tuple[int, list[dict[str, Any] | None]]:
-        """For the SSE hub: the line's version and the watchers' entries, marking them seen."""
-        line = await self._ready()
-        now = time.time()
-        for u in users:
-            line.touch(u, now)
-        return line.version, [view_dict(v) for v in line.view_many(users, now)]
-
-    async def version(self) -> int:
-        """Changes whenever the line does: the SSE hub reads every entry only then."""
-        return (await self._ready()).version
 
     async def leave(self, user: str) -> dict[str, Any] | None:
         line = await self._ready()

@@ -154,7 +154,7 @@ async def check_invariants(redis, load: Load, capacity: int) -> dict[str, Any]:
     queue = get_queue(eid)
     for _ in range(100):
         version = await queue.version.remote()
-        views = await queue.view_many.remote(users, False)
+        views = [r[2] for r in await queue.read_many.remote(users)]
         stats = await queue.stats.remote()
         if await queue.version.remote() == version:
             break

@@ -1,5 +1,11 @@
-"""A replica's reads of line entries: from its mirror of the line when it can, else from
-the event's actor (`serve/mirror.py` says when the mirror's answer is exact)."""
+"""A replica's reads of line entries, and its one follower per line.
+
+Each line read here has one follower in this replica: a task that asks the event's actor
+what changed since the fact count it has seen (`EventQueue.changes`) and keeps the
+line's mirror (`serve/mirror.py`) up to date. Position reads answer from the mirror
+when it is exact, and the SSE hub (`serve/sse.py`) pushes streams' entries after the
+follower's answers: both learn from the same small call, and nothing else polls the actor.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from eventpulse import keys
@@ -16,13 +22,23 @@ from serve.mirror import BEHIND, IDLE_S, MISS, POLL_S, QUIET_S, LineMirror
 
 log = logging.getLogger(__name__)
 
+LISTENED_S = 0.15  # the follower asks this often while streams listen: they see a change within it
+
 
 class Entries:
     def __init__(self, coalescer: Coalescer, read_key: Callable[[str], Awaitable[bytes | None]],
                  mirrored: bool) -> None:
         self.coalescer, self._read_key, self.mirrored = coalescer, read_key, mirrored
-        self.mirrors: dict[str, LineMirror] = {}  # per event, while its entries are read
+        self.mirrors: dict[str, LineMirror] = {}  # per event, while it is read or listened to
         self.reads = {"mirror": 0, "actor": 0}
+
+    def follow(self, event_id: str) -> LineMirror:
+        """The event's mirror, with its follower started if it is not running."""
+        mirror = self.mirrors.get(event_id)
+        if mirror is None:
+            mirror = self.mirrors[event_id] = LineMirror()
+            asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
+        return mirror
 
     async def read(self, event_id: str, user_id: str, mirrored: bool = True
                    ) -> dict[str, Any] | None:
@@ -30,14 +46,11 @@ class Entries:
 
         From this replica's mirror of the line while it holds the entry and has seen every
         journaled fact, else (or not `mirrored`) from the event's actor."""
-        if not (mirrored and self.mirrored):
-            return await self.coalescer.call(event_id, "many", ("view_many", user_id))
-        mirror = self.mirrors.get(event_id)
-        if mirror is None:
-            mirror = self.mirrors[event_id] = LineMirror()
-            asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
-        mirror.read_at = time.monotonic()
-        if mirror.fresh() and mirror.holds(user_id):
+        mirror = None
+        if self.mirrored:
+            mirror = self.follow(event_id)
+            mirror.read_at = time.monotonic()
+        if mirrored and mirror is not None and mirror.fresh() and mirror.holds(user_id):
             durable = int(await self._read_key(keys.line_durable(event_id)) or 0)
             view = mirror.read(user_id, durable)
             if view is BEHIND and await mirror.next_answer():
@@ -49,15 +62,31 @@ class Entries:
         self.reads["actor"] += 1
         feed, count, view, lane, slot = await self.coalescer.call(
             event_id, "many", ("read_many", user_id))
-        mirror.keep(user_id, feed, count, view, lane, slot)
+        if mirror is not None:
+            mirror.keep(user_id, feed, count, view, lane, slot)
         return view
 
+    async def read_many(self, event_id: str, users: Sequence[str]
+                        ) -> tuple[int, list[dict[str, Any] | None]]:
+        """Many users' entries in one actor call (the SSE hub's listeners), kept in the
+        mirror; and the fact count they are exact at."""
+        read = await direct(event_id, "read_many", list(users))
+        mirror = self.mirrors.get(event_id) if self.mirrored else None
+        count = -1
+        for user, (feed, count, view, lane, slot) in zip(users, read):
+            if mirror is not None:
+                mirror.keep(user, feed, count, view, lane, slot)
+        return count, [r[2] for r in read]
+
     async def _follow(self, event_id: str, mirror: LineMirror) -> None:
-        """Keep the event's mirror up to date while its entries are read here."""
+        """Keep the event's mirror up to date while its entries are read or listened to here."""
         try:
-            while mirror.touched or time.monotonic() - mirror.read_at < IDLE_S:
+            while (mirror.touched or mirror.listeners
+                   or time.monotonic() - mirror.read_at < IDLE_S):
                 touched, mirror.touched = list(mirror.touched), set()
                 waiting, mirror.waiting = mirror.waiting, []  # this call is after their reads
+                waiting += mirror.watching
+                mirror.watching = []
                 try:
                     mirror.update(*await direct(event_id, "changes", mirror.count, touched))
                     ok = True
@@ -68,9 +97,10 @@ class Entries:
                 await asyncio.sleep(POLL_S if ok else 0.5)
                 if not mirror.waiting:  # nobody waits: ask again when one does, or in a while
                     mirror.wanted.clear()
+                    pause = (LISTENED_S if mirror.listeners else QUIET_S) - POLL_S
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(mirror.wanted.wait(), QUIET_S - POLL_S)
+                        await asyncio.wait_for(mirror.wanted.wait(), pause)
         finally:
-            LineMirror.wake(mirror.waiting, False)
+            LineMirror.wake(mirror.waiting + mirror.watching, False)
             if self.mirrors.get(event_id) is mirror:
                 del self.mirrors[event_id]

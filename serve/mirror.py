@@ -50,6 +50,8 @@ class LineMirror:
         self.read_at = time.monotonic()
         self.touched: set[str] = set()  # read here since the follower last told the actor
         self.waiting: list[asyncio.Future] = []  # readers waiting for the follower's next answer
+        self.watching: list[asyncio.Future] = []  # the SSE hub, waiting for it without hurry
+        self.listeners = 0       # streams listening here (the hub): the follower keeps on
         self.wanted = asyncio.Event()  # a reader waits: the follower asks as soon as it may
         self._anew = 0           # the mirror knows every change after this count
         self._from = 0           # the moves kept are every move after this count
@@ -71,6 +73,15 @@ class LineMirror:
         fut = asyncio.get_running_loop().create_future()
         self.waiting.append(fut)
         self.wanted.set()
+        try:
+            return await asyncio.wait_for(fut, FRESH_S)
+        except TimeoutError:
+            return False
+
+    async def next_update(self) -> bool:
+        """Wait for the follower's next answer, at its own pace; False if it failed."""
+        fut = asyncio.get_running_loop().create_future()
+        self.watching.append(fut)
         try:
             return await asyncio.wait_for(fut, FRESH_S)
         except TimeoutError:

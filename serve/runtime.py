@@ -1,9 +1,9 @@
 """Per-replica state: the Redis pool, the actor-call coalescers, the caches, counters.
 
 Replicas are stateless apart from this; everything here can be rebuilt from Redis and
-the actors. Its parts: the events' view (`serve/catalog.py`), line entries
-(`serve/entries.py`), and the pub/sub listener with the purchases waiting on it
-(`serve/pubsub.py`), which `start` runs.
+the actors. Its parts: the events' view (`serve/catalog.py`), line entries and their
+followers (`serve/entries.py`), the open streams (`serve/sse.py`), and the pub/sub
+listener with the purchases waiting on it (`serve/pubsub.py`), which `start` runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from serve.cache import TTLCache
 from serve.catalog import Catalog
 from serve.entries import Entries
 from serve.pubsub import PurchaseWaiters, listen
+from serve.sse import Hub
 
 # A full (generation 2) collection walks every live object: with 4,000 SSE streams a
 # replica holds about half a million, and one pass stops its event loop for 0.4-0.9 s.
@@ -47,6 +48,7 @@ class Runtime:
         self.tickets = TTLCache("tickets", 300.0, max_items=50_000)
         self.catalog = Catalog(s, lambda: self.redis)
         self.entries = Entries(self.coalescer, self.read_key, s.line_mirror)
+        self.hub = Hub(self.entries)  # the replica's open streams
         self.purchases = PurchaseWaiters()
         self._listener: asyncio.Task | None = None
         self.started = time.time()

@@ -22,7 +22,7 @@ from serve.admission import Admission
 from serve.errors import error_response, unexpected
 from serve.middleware import ADMITTED, replay
 from serve.runtime import get_runtime
-from serve.sse import SSE_HEADERS, hub
+from serve.sse import SSE_HEADERS
 
 ROUTES = hotroutes.SIDE  # the table's side-server routes (the edge cache's misses among them)
 _HEADERS = ("authorization", "if-none-match", "accept-encoding", "content-type",
@@ -109,7 +109,7 @@ class SideServer:
         async def send(message: dict) -> None:
             await response.write(message["body"])
 
-        await hub.follow(*opened, send, asyncio.get_running_loop().create_future())
+        await get_runtime().hub.follow(*opened, send, asyncio.get_running_loop().create_future())
         return response
 
 

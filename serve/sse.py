@@ -1,14 +1,15 @@
 """Server-Sent Events of users' entries, pushed when they change.
 
-One hub per replica. For each event with open streams, a single task asks the event's
-actor every `POLL_S` for its line's version (with the entries of listeners new since the
-last poll), and only when that changed, or every `FULL_S`, for every listener's entry in
-one call. It pushes only the entries that changed in a way a waiting person cares about
+One hub per replica (`Runtime.hub`). For each event with open streams, a single task
+waits for each answer of the line's follower (`serve/entries.py`, every `LISTENED_S` while
+anyone listens) and, only when the line changed since its last read or `FULL_S` passed,
+reads every listener's entry in one actor call (else only listeners new since the last
+round). It pushes only the entries that changed in a way a waiting person cares about
 (status, position or offer, or an ETA that moved by more than `ETA_STEP`), writing them
 to the connections itself (`Writer`), on Serve's path (`EntryStream`) and on the side
-server's alike. So 8,000 open streams cost a few small
-actor calls a second, not tens of thousands, and a line that moves all the time does not
-send everyone a new ETA at every poll.
+server's alike. So 8,000 open streams cost a few small actor calls a second, not tens of
+thousands, and a line that moves all the time does not send everyone a new ETA at every
+round.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import orjson
 from starlette.responses import Response
 
 from eventpulse import metrics
-from serve.batching import direct
+from serve.entries import LISTENED_S, Entries
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.15  # a change is seen within 0.15 s; a version check is one small call
 FULL_S = 2.0  # read every entry at least this often, even when the line did not change:
 #               an ETA follows the line's recent outflow, which moves with the clock
 HEARTBEAT_S = 15.0  # keeps proxies from closing idle streams
@@ -49,11 +49,14 @@ def worth_pushing(old: dict[str, Any] | None, new: dict[str, Any] | None) -> boo
 
 
 class Hub:
-    def __init__(self) -> None:
+    """A replica's open streams, by event and user, pushed after the lines' followers."""
+
+    def __init__(self, entries: Entries) -> None:
+        self.entries = entries
         self._listeners: dict[str, dict[str, set[Any]]] = {}  # event -> user -> sinks
         self._tasks: dict[str, asyncio.Task] = {}
         self._last: dict[str, dict[str, Any]] = {}  # per event: user -> entry last pushed
-        self._fresh: dict[str, set[str]] = {}  # per event: listeners added since the last poll
+        self._fresh: dict[str, set[str]] = {}  # per event: listeners added since the last round
         self.open = 0
 
     def subscribe(self, event_id: str, user_id: str, sink: Any,
@@ -66,7 +69,7 @@ class Hub:
         self.open += 1
         metrics.get("sse_connections").set(self.open)
         if event_id not in self._tasks or self._tasks[event_id].done():
-            self._tasks[event_id] = asyncio.get_running_loop().create_task(self._poll(event_id))
+            self._tasks[event_id] = asyncio.get_running_loop().create_task(self._push(event_id))
 
     def unsubscribe(self, event_id: str, user_id: str, sink: Any) -> None:
         users = self._listeners.get(event_id, {})
@@ -76,53 +79,56 @@ class Hub:
         self.open -= 1
         metrics.get("sse_connections").set(self.open)
 
-    async def _poll(self, event_id: str) -> None:
-        version, full_at, beat = -1, 0.0, 1
-        while self._listeners.get(event_id):
-            listeners, last = self._listeners[event_id], self._last.setdefault(event_id, {})
-            users = list(listeners)
-            now = time.monotonic()
-            fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
-            try:
-                if now - full_at >= FULL_S:
-                    seen, read = -1, users
-                elif fresh:
-                    # New listeners' first entries were read as they opened; reading them
-                    # again now (not everyone) catches a change in between.
-                    seen, views = await direct(event_id, "watch_many", fresh)
-                    read = fresh
-                else:  # one number, instead of thousands of entries
-                    seen, read = await direct(event_id, "version"), []
-                if seen != version:
-                    read = users
+    async def _push(self, event_id: str) -> None:
+        """After each answer of the line's follower: read every listener's entry when the
+        line changed (or `FULL_S` passed), else only new listeners', in one call; push
+        what is news."""
+        seen, full_at, beat = -1, 0.0, 1
+        mirror = None
+        try:
+            while self._listeners.get(event_id):
+                listeners, last = self._listeners[event_id], self._last.setdefault(event_id, {})
+                mirror = self.entries.follow(event_id)  # anew if the follower stopped
+                mirror.listeners = len(listeners)
+                ok = await mirror.next_update()
+                users = list(listeners)
+                now = time.monotonic()
+                fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
+                if not ok:
+                    full_at = 0.0  # the actor restarts: read everyone once it is back
+                    self._fresh.setdefault(event_id, set()).update(fresh)
+                    continue
+                read = users if mirror.count != seen or now - full_at >= FULL_S else fresh
+                if read:
+                    try:
+                        count, views = await self.entries.read_many(event_id, read)
+                    except Exception as e:  # noqa: BLE001 — the actor restarts: try again
+                        log.info("sse read of %s failed: %s", event_id, e)
+                        full_at = 0.0
+                        continue
+                    if read is users:
+                        seen, full_at = count, now
+                    for user, view in zip(read, views):
+                        if worth_pushing(last.get(user), view):
+                            last[user] = view
+                            for sink in list(listeners.get(user, ())):
+                                sink.deliver(view)
                 if read is users:
-                    version, views = await direct(event_id, "watch_many", users)
-                    full_at = now
-            except Exception as e:  # noqa: BLE001 — the actor restarts: try again shortly
-                log.info("sse poll of %s failed: %s", event_id, e)
-                full_at = 0.0  # read everyone once it is back
-                await asyncio.sleep(1.0)
-                continue
-            if read:
-                for user, view in zip(read, views):
-                    if worth_pushing(last.get(user), view):
-                        last[user] = view
-                        for sink in list(listeners.get(user, ())):
-                            sink.deliver(view)
-            if read is users:
-                for gone in set(last) - set(users):
-                    last.pop(gone, None)
-            # Heartbeats go to one slice of the listeners each round, so every stream
-            # gets one about every HEARTBEAT_S and thousands never all come at once.
-            slices = max(1, round(HEARTBEAT_S / POLL_S))
-            for user in users[beat % slices::slices]:
-                for sink in list(listeners.get(user, ())):
-                    sink.deliver(HEARTBEAT)
-            beat += 1
-            await asyncio.sleep(POLL_S)
-        self._listeners.pop(event_id, None)
-        self._last.pop(event_id, None)
-        self._tasks.pop(event_id, None)
+                    for gone in set(last) - set(users):
+                        last.pop(gone, None)
+                # Heartbeats go to one slice of the listeners each round, so every stream
+                # gets one about every HEARTBEAT_S and thousands never all come at once.
+                slices = max(1, round(HEARTBEAT_S / LISTENED_S))
+                for user in users[beat % slices::slices]:
+                    for sink in list(listeners.get(user, ())):
+                        sink.deliver(HEARTBEAT)
+                beat += 1
+        finally:
+            if mirror is not None:
+                mirror.listeners = 0
+            self._listeners.pop(event_id, None)
+            self._last.pop(event_id, None)
+            self._tasks.pop(event_id, None)
 
     async def follow(self, event_id: str, user_id: str, events: "EntryEvents", send,
                      gone: Awaitable[Any]) -> None:
@@ -239,8 +245,8 @@ class EntryStream(Response):
     """A FastAPI route's answer that streams a listener's entry: the hub writes each change
     to the connection itself (`Hub.follow`), until the client goes."""
 
-    def __init__(self, event_id: str, user_id: str, events: EntryEvents) -> None:
-        self.event_id, self.user_id, self.events = event_id, user_id, events
+    def __init__(self, hub: Hub, event_id: str, user_id: str, events: EntryEvents) -> None:
+        self.hub, self.event_id, self.user_id, self.events = hub, event_id, user_id, events
         self.status_code, self.background = 200, None
         self.raw_headers = list(SSE_HEADERS)
 
@@ -251,7 +257,4 @@ class EntryStream(Response):
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        await hub.follow(self.event_id, self.user_id, self.events, send, until_gone())
-
-
-hub = Hub()
+        await self.hub.follow(self.event_id, self.user_id, self.events, send, until_gone())

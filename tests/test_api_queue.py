@@ -230,7 +230,7 @@ async def test_coalescer_gives_each_caller_its_own_answer_in_fewer_calls(http, a
 
     async def read(i: int):
         await asyncio.sleep(i * 0.0005)  # a steady stream, not one burst
-        return await c.call(event["id"], "view_many", users[i % len(users)])
+        return (await c.call(event["id"], "read_many", users[i % len(users)]))[2]
 
     views = await asyncio.gather(*(read(i) for i in range(400)))
     assert [v["user_id"] for v in views] == [users[i % len(users)] for i in range(400)]
@@ -251,6 +251,25 @@ def test_only_news_is_pushed_to_a_stream():
     assert worth_pushing(base, {**base, "status": "offered", "offer": {"quantity": 1}})
     assert worth_pushing(None, base) and worth_pushing(base, None)
     assert not worth_pushing(None, None)
+
+
+def new_hub():
+    """A hub of its own, over entries read from the actors (`Runtime.hub` in a replica)."""
+    from serve import sse
+    from serve.batching import Coalescer
+    from serve.entries import Entries
+
+    async def no_key(name: str) -> None:
+        return None  # nothing is durable: the mirror never answers, the hub reads the actor
+
+    return sse.Hub(Entries(Coalescer(0.002), no_key, True))
+
+
+async def entry_of(event_id: str, user: str):
+    """The user's entry as the actor reads it."""
+    from serve.batching import direct
+
+    return (await direct(event_id, "read_many", [user]))[0][2]
 
 
 async def listen(hub, event_id: str, user: str, first, sink) -> None:
@@ -276,8 +295,8 @@ async def test_hub_beats_every_stream_and_pushes_a_change(http, auth_headers, ma
     holder, a, b = unique(), unique(), unique()
     for u in (holder, a, b):
         await join(http, auth_headers, event["id"], u)
-    hub = sse.Hub()
-    first = (await sse.direct(event["id"], "view_many", [b]))[0]
+    hub = new_hub()
+    first = await entry_of(event["id"], b)
     chunks: list[tuple[float, bytes]] = []
 
     def read(chunk: bytes) -> None:
@@ -347,15 +366,15 @@ async def test_a_stream_opened_on_a_stale_read_is_corrected_at_once(http, auth_h
     holder, a, b = unique(), unique(), unique()
     for u in (holder, a, b):
         await join(http, auth_headers, event["id"], u)
-    stale = (await sse.direct(event["id"], "view_many", [b]))[0]
+    stale = await entry_of(event["id"], b)
     assert stale["position"] == 2
-    hub = sse.Hub()
+    hub = new_hub()
     got: dict[str, list[bytes]] = {a: [], b: []}
 
     def read(user, first):
         return listen(hub, event["id"], user, first, got[user].append)
 
-    readers = [asyncio.create_task(read(a, (await sse.direct(event["id"], "view_many", [a]))[0]))]
+    readers = [asyncio.create_task(read(a, await entry_of(event["id"], a)))]
     try:
         await asyncio.sleep(0.6)  # the hub has read the line
         async with http.delete(f"/api/events/{event['id']}/queue/me", headers=auth_headers(a)) as d:

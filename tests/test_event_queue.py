@@ -56,6 +56,11 @@ async def test_batched_joins_give_exact_positions_and_offers(redis, queue_of):
     assert stats["live_offers"] == 3 and stats["waiting"] == 7
 
 
+async def views(q, users: list[str]) -> list:
+    """The users' entries as the actor reads them."""
+    return [r[2] for r in await q.read_many.remote(users)]
+
+
 async def test_one_call_carries_joins_and_reads_each_answered_as_its_own_method(redis, queue_of):
     """`many`: what a replica coalesced for the line, of three kinds, in one actor call."""
     eid = await new_event(redis, total=1)
@@ -63,9 +68,10 @@ async def test_one_call_carries_joins_and_reads_each_answered_as_its_own_method(
     first, second = unique(), unique()
     await q.join_many.remote([(first, 1, None, None)])
     answers = await q.many.remote([
-        ("view_many", second), ("read_many", first), ("join_many", (second, 1, None, None)),
-        ("join_many", (unique(), 99, None, None)), ("view_many", first), ("view_many", unique())])
+        ("read_many", second), ("read_many", first), ("join_many", (second, 1, None, None)),
+        ("join_many", (unique(), 99, None, None)), ("read_many", first), ("read_many", unique())])
     read_second, read_first, joined, bad, view_first, nobody = answers
+    read_second, view_first, nobody = read_second[2], view_first[2], nobody[2]
     assert joined["user_id"] == second and joined["status"] == "waiting"
     assert joined["position"] == 1
     # the joins go first: a read in the same call sees them
@@ -98,8 +104,8 @@ async def test_a_line_started_by_an_earlier_release_takes_the_coalesced_items_ki
     joined, bad, view = await asyncio.gather(
         c.call(eid, "many", ("join_many", (user, 1, None, None))),
         c.call(eid, "many", ("join_many", (unique(), 99, None, None))),
-        c.call(eid, "many", ("view_many", user)), return_exceptions=True)
-    assert joined["status"] == "offered" and view["status"] == "offered"
+        c.call(eid, "many", ("read_many", user)), return_exceptions=True)
+    assert joined["status"] == "offered" and view[2]["status"] == "offered"
     assert isinstance(bad, InvalidInput)
     assert c.calls == 1
 
@@ -138,17 +144,18 @@ async def test_killed_actor_recovers_every_acknowledged_join_in_order(redis, que
     deadline = time.monotonic() + 30
     while len(acknowledged) < 500 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    before = await q.view_many.remote(list(acknowledged), False)
+    before = [r[2] for r in await q.read_many.remote(list(acknowledged))]
     ray.kill(q, no_restart=False)
     await asyncio.sleep(1.0)
     stop.set()
     await task
-    after = await q.view_many.remote(list(before_users := [v["user_id"] for v in before]), False)
+    before_users = [v["user_id"] for v in before]
+    after = [r[2] for r in await q.read_many.remote(before_users)]
     assert len(before_users) > 100
     assert all(v is not None for v in after), "an acknowledged join was lost"
     # Offers (and their absolute expiries) survived; waiting order is the join order.
     assert [v["offer"] for v in after] == [v["offer"] for v in before]
-    waiting = [v for v in await q.view_many.remote(acknowledged, False) if v["status"] == "waiting"]
+    waiting = [v for v in await views(q, acknowledged) if v["status"] == "waiting"]
     positions = [v["position"] for v in waiting]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     assert [v["user_id"] for v in waiting] == sorted(v["user_id"] for v in waiting)
@@ -162,13 +169,13 @@ async def test_snapshot_taken_during_writes_is_consistent(redis, queue_of):
               for i in range(0, 3000, 100)]
     snap = q.snapshot_now.remote()
     await asyncio.gather(*writes, snap)
-    expected = await q.view_many.remote(users, False)
+    expected = await views(q, users)
     loaded = await store.load(redis, eid)
     assert loaded.line_state is not None
     assert await redis.llen(keys.journal(eid)) < 30  # the snapshot trimmed what it covers
     ray.kill(q, no_restart=False)
     await asyncio.sleep(0.5)
-    assert await q.view_many.remote(users, False) == expected
+    assert await views(q, users) == expected
 
 
 async def test_corrupt_journal_fails_closed_naming_the_event(redis, queue_of):
@@ -193,27 +200,33 @@ async def test_offer_expiry_is_driven_by_the_actor_timer(redis, queue_of):
     await q.join_many.remote([(a, 1, None, None), (b, 1, None, None)])
     deadline = time.time() + 5
     while time.time() < deadline:
-        va, vb = await q.view_many.remote([a, b], False)
+        va, vb = await views(q, [a, b])
         if vb["status"] == "offered":
             break
         await asyncio.sleep(0.1)
     assert va["status"] == "expired" and vb["status"] == "offered"
 
 
-async def test_the_line_version_moves_with_the_line_and_watch_many_reads_it(redis, queue_of):
+async def test_the_fact_count_moves_with_the_line_and_reads_say_it(redis, queue_of):
+    """What the followers and the hub go by: `changes` says the fact count, a read leaves
+    it as it was, a change moves it, and `read_many` says the count its views are exact at."""
     eid = await new_event(redis, total=1)
     q = queue_of(eid)
     users = [unique() for _ in range(4)]
     await q.join_many.remote([(u, 1, None, None) for u in users])
-    version, views = await q.watch_many.remote(users[1:])
-    assert [v["position"] for v in views] == [1, 2, 3]
-    assert await q.version.remote() == version
-    await q.view_many.remote(users)  # reading changes nothing
-    assert await q.version.remote() == version
+    read = await q.read_many.remote(users[1:])
+    count = read[0][1]
+    assert [r[2]["position"] for r in read] == [1, 2, 3]
+    _feed, now, _rate, since = await q.changes.remote(count, [])
+    assert (now, since) == (count, [])
+    await views(q, users)  # reading changes nothing
+    assert (await q.changes.remote(count, []))[1] == count
     await q.leave.remote(users[1])
-    newer, views = await q.watch_many.remote(users[1:])
-    assert newer > version and await q.version.remote() == newer
-    assert [v and v["position"] for v in views] == [None, 1, 2]
+    read = await q.read_many.remote(users[1:])
+    newer = read[0][1]
+    assert newer > count and (await q.changes.remote(count, []))[1] == newer
+    assert [r[2] and r[2]["position"] for r in read] == [None, 1, 2]
+    assert (await q.changes.remote(count, []))[3], "the leave is among the changes since"
 
 
 async def test_an_idle_line_leaves_and_the_next_call_brings_it_back(redis, queue_of, monkeypatch):
@@ -243,8 +256,8 @@ async def test_an_idle_line_leaves_and_the_next_call_brings_it_back(redis, queue
         await asyncio.sleep(0.5)
     else:
         raise AssertionError("the idle actor did not leave")
-    views = await directory.call(eid, "view_many", users)
-    assert [v["status"] for v in views] == ["left"] * 3
+    views = await directory.call(eid, "read_many", users)
+    assert [v[2]["status"] for v in views] == ["left"] * 3
     stats = await directory.call(eid, "stats")
     assert stats["live_offers"] == 0 and stats["waiting"] == 0
     assert await directory.call(eid, "incarnation") != first  # a new actor, the same name

@@ -43,7 +43,7 @@ async def join(event_id: str, users: list[tuple[str, int, str]]) -> list:
 
 
 async def statuses(event_id: str, users: list[str]) -> dict[str, str | None]:
-    views = await get_queue(event_id).view_many.remote(users, False)
+    views = [r[2] for r in await get_queue(event_id).read_many.remote(users)]
     return {u: v and v["status"] for u, v in zip(users, views)}
 
 
