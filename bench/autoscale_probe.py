@@ -107,7 +107,8 @@ def main() -> None:
                        "EVENTPULSE_SIDE_PORT": str(free_port())})
     from pathlib import Path
 
-    from cluster.launcher import RAY_ENV, haproxy_env
+    from cluster.haproxy import side_checks
+    from cluster.launcher import RAY_ENV, haproxy_base, haproxy_env
 
     # Serve's HAProxy ingress, as `eventpulse up` runs it (run by hand, too): the side server's
     # routes reach the side server only through it
@@ -150,6 +151,7 @@ def main() -> None:
         assert r.status_code == 201, (r.status_code, r.text)
         wait_side_up(url, org, 60)  # with one replica: its count is the whole count
         side_before = side_requests(url, org, 1)
+        checks_before = side_checks(haproxy_base(Path(tmp)))
         start = time.monotonic()
         pool = ThreadPoolExecutor(1)
         task = pool.submit(lambda: asyncio.run(load(url, org, 25, 48)))
@@ -161,6 +163,7 @@ def main() -> None:
                 up_at = time.monotonic() - start
             time.sleep(1)
         served = task.result()
+        checks = side_checks(haproxy_base(Path(tmp)))
         pool.shutdown()
         # at once: a replica that scales down takes its count with it
         side_served = side_requests(url, org, replica_count(serve)[0]) - side_before
@@ -179,7 +182,11 @@ def main() -> None:
         print(json.dumps({"max_running": max(s["running"] for s in seen),
                           "seconds_to_scale_up": up_at, "seconds_to_scale_down": down_at,
                           "requests": served, "side_requests": side_served,
-                          "policy": policy.get("policy", "serve's default"), "timeline": seen, "replica_nodes": len(nodes)}))
+                          "policy": policy.get("policy", "serve's default"), "side_checks": checks,
+                          # HAProxy took the side server down during the load this often
+                          "side_went_down": sum(c["went_down"] for c in checks)
+                          - sum(c["went_down"] for c in checks_before),
+                          "timeline": seen, "replica_nodes": len(nodes)}))
     finally:
         try:
             serve.shutdown()

@@ -94,7 +94,10 @@ backend ep_side
     timeout server 3600s  # streams stay open (heartbeats keep them busy), as on Serve
     option httpchk GET /healthz
     http-check expect status 200
-{vouch}    server side 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 2 rise 2
+    # a replica that is gone refuses the check's connection at once; one that is only busy
+    # answers late, and Serve's path, in the same process, would be no faster: wait for it
+    timeout check 5s
+{vouch}    server side 127.0.0.1:{port} check inter 2s fastinter 250ms downinter 250ms fall 3 rise 2
 """
 
 _VOUCH = f"""    # a bearer token whose signature HAProxy checked: the side server reads only its claims
@@ -246,6 +249,31 @@ def side_port() -> int:
     from eventpulse.settings import get_settings
 
     return get_settings().side_port
+
+
+def side_checks(base: Path) -> list[dict[str, int | str]]:
+    """What each HAProxy under `base` (one per node, `cluster.launcher.haproxy_env`) says of
+    the side server: its status, failed checks, falls to DOWN and seconds down, read from
+    the admin socket's `show stat`."""
+    import csv
+    import socket
+
+    seen = []
+    for path in sorted(base.glob("*/admin.sock")):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            s.sendall(b"show stat\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        rows = csv.DictReader(out.decode().lstrip("# ").splitlines())
+        for row in rows:
+            if row["pxname"] == "ep_side" and row["svname"] == "side":
+                seen.append({"status": row["status"], "failed_checks": int(row["chkfail"] or 0),
+                             "went_down": int(row["chkdown"] or 0),
+                             "down_s": int(row["downtime"] or 0)})
+    return seen
 
 
 def main(argv: list[str]) -> None:

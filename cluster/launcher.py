@@ -287,7 +287,7 @@ def stop_ray(gcs_port: int, timeout: float = 20) -> int:
     return len(procs)
 
 
-def _haproxy_base(data_dir: Path) -> Path:
+def haproxy_base(data_dir: Path) -> Path:
     # HAProxy limits its admin socket path to 97 bytes and Serve adds a 56-character
     # directory, so the base must be short: /tmp/ep-<hash of the data directory>.
     import hashlib
@@ -299,7 +299,7 @@ def _haproxy_base(data_dir: Path) -> Path:
 def haproxy_env(data_dir: Path) -> dict[str, str]:
     """Per-instance HAProxy paths and metrics port, so two local instances never collide,
     and HAProxy started through our wrapper (`_haproxy_wrapper`)."""
-    base = _haproxy_base(data_dir)
+    base = haproxy_base(data_dir)
     base.mkdir(parents=True, exist_ok=True)
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_wrapper(base),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
@@ -322,7 +322,7 @@ def stop_haproxy(data_dir: Path) -> int:
     directory (configs, sockets, the wrapper: `up` writes them again)."""
     import psutil
 
-    base = _haproxy_base(data_dir)
+    base = haproxy_base(data_dir)
     marker = base.name
     procs = [p for p in psutil.process_iter(["cmdline"])
              if "haproxy" in " ".join(p.info.get("cmdline") or ())

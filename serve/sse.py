@@ -2,14 +2,16 @@
 
 One hub per replica (`Runtime.hub`). For each event with open streams, a single task
 waits for each answer of the line's follower (`serve/entries.py`, every `LISTENED_S` while
-anyone listens) and, only when the line changed since its last read or `FULL_S` passed,
-reads every listener's entry in one actor call (else only listeners new since the last
-round). It pushes only the entries that changed in a way a waiting person cares about
+anyone listens) and, when the line moved, new listeners came or `FULL_S` passed, takes
+every listener's entry from the line's mirror (`LineMirror.views`: one pass over the
+moves for all of them), and from the actor, in one call, only those the mirror cannot
+give (a new listener, an entry its own user changed). It pushes only the entries that
+changed in a way a waiting person cares about
 (status, position or offer, or an ETA that moved by more than `ETA_STEP`), writing them
 to the connections itself (`Writer`), on Serve's path (`EntryStream`) and on the side
-server's alike. So 8,000 open streams cost a few small actor calls a second, not tens of
-thousands, and a line that moves all the time does not send everyone a new ETA at every
-round.
+server's alike. So 8,000 open streams cost the follower's few small calls a second and a read of the
+entries that changed themselves, not tens of thousands of reads, and a line that moves all
+the time does not send everyone a new ETA at every round.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from starlette.responses import Response
 
 from eventpulse import metrics
 from serve.entries import LISTENED_S, Entries
+from serve.mirror import MISS, LineMirror
 
 log = logging.getLogger(__name__)
 
-FULL_S = 2.0  # read every entry at least this often, even when the line did not change:
+FULL_S = 2.0  # every entry anew at least this often, even when the line did not move:
 #               an ETA follows the line's recent outflow, which moves with the clock
 HEARTBEAT_S = 15.0  # keeps proxies from closing idle streams
 ETA_STEP = 0.1  # an ETA that moved by less than 10 % is not news
@@ -80,9 +83,10 @@ class Hub:
         metrics.get("sse_connections").set(self.open)
 
     async def _push(self, event_id: str) -> None:
-        """After each answer of the line's follower: read every listener's entry when the
-        line changed (or `FULL_S` passed), else only new listeners', in one call; push
-        what is news."""
+        """After each answer of the line's follower that moved the line (or brought new
+        listeners, or `FULL_S` after the last round: an ETA follows the clock), every
+        listener's entry from the mirror, the ones it cannot give from the actor in one
+        call; push what is news."""
         seen, full_at, beat = -1, 0.0, 1
         mirror = None
         try:
@@ -94,26 +98,25 @@ class Hub:
                 users = list(listeners)
                 now = time.monotonic()
                 fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
-                if not ok:
-                    full_at = 0.0  # the actor restarts: read everyone once it is back
+                if not ok:  # the actor restarts: try again after the follower's next call
                     self._fresh.setdefault(event_id, set()).update(fresh)
                     continue
-                read = users if mirror.count != seen or now - full_at >= FULL_S else fresh
-                if read:
+                if mirror.count != seen or fresh or now - full_at >= FULL_S:
+                    if now - full_at >= FULL_S:
+                        mirror.touched.update(users)  # a listener is seen, as a reader is
+                        full_at = now
+                    seen = mirror.count
                     try:
-                        count, views = await self.entries.read_many(event_id, read)
+                        views = await self._views(event_id, mirror, users)
                     except Exception as e:  # noqa: BLE001 — the actor restarts: try again
                         log.info("sse read of %s failed: %s", event_id, e)
-                        full_at = 0.0
+                        seen = -1
                         continue
-                    if read is users:
-                        seen, full_at = count, now
-                    for user, view in zip(read, views):
+                    for user, view in zip(users, views):
                         if worth_pushing(last.get(user), view):
                             last[user] = view
                             for sink in list(listeners.get(user, ())):
                                 sink.deliver(view)
-                if read is users:
                     for gone in set(last) - set(users):
                         last.pop(gone, None)
                 # Heartbeats go to one slice of the listeners each round, so every stream
@@ -129,6 +132,17 @@ class Hub:
             self._listeners.pop(event_id, None)
             self._last.pop(event_id, None)
             self._tasks.pop(event_id, None)
+
+    async def _views(self, event_id: str, mirror: LineMirror, users: list[str]) -> list[Any]:
+        """The users' entries now: from the mirror, and those it cannot give (new listeners,
+        entries whose own user changed them) from the actor in one call, kept for next time."""
+        views = mirror.views(users)
+        missed = [i for i, v in enumerate(views) if v is MISS]
+        if missed:
+            _, read = await self.entries.read_many(event_id, [users[i] for i in missed])
+            for i, view in zip(missed, read):
+                views[i] = view
+        return views
 
     async def follow(self, event_id: str, user_id: str, events: "EntryEvents", send,
                      gone: Awaitable[Any]) -> None:

@@ -41,5 +41,7 @@ def test_serves_own_policy_does_not_see_the_lane(ray_tmpdir):
     """The control for the test above: the same load under Serve's default policy, which
     counts only the requests on Serve's own path, leaves one replica to carry it."""
     seen = probe(ray_tmpdir, "--default-policy")
+    # the premise: HAProxy kept the side server up, so the load stayed off Serve's path
+    assert seen["side_went_down"] == 0, seen["side_checks"]
     assert seen["requests"] > 0 and seen["side_requests"] >= 0.99 * seen["requests"], seen
     assert seen["max_running"] == 1, seen

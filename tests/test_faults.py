@@ -226,7 +226,6 @@ async def test_zz_redis_restart_answers_503_then_recovers(http, auth_headers, ma
     await ready(http)
     recovered = time.monotonic()
     await load.until_ok(40, since=recovered)
-    stopped = time.monotonic()
     await load.stop()
     await redis.execute_command("CONFIG", "SET", "appendfsync", "everysec")
     facts = await check_invariants(redis, load, CAPACITY)

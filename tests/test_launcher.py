@@ -150,9 +150,9 @@ def test_up_says_what_to_do_without_redis_server(tmp_path):
 def _processes_of(data_dir: Path) -> list:
     """Processes whose command line names the instance's data directory or its HAProxy
     folder (its Redis runs with `--dir <data_dir>/redis`)."""
-    from cluster.launcher import _haproxy_base
+    from cluster.launcher import haproxy_base
 
-    marks = (str(data_dir), _haproxy_base(data_dir).name)
+    marks = (str(data_dir), haproxy_base(data_dir).name)
     return [p.info["cmdline"][:3] for p in psutil.process_iter(["cmdline"])
             if p.info["cmdline"] and p.pid != os.getpid()
             and any(m in " ".join(p.info["cmdline"]) for m in marks)]
@@ -248,11 +248,11 @@ def test_up_demo_on_a_fresh_home_from_anywhere(home, elsewhere, tmp_path_factory
 def test_up_with_serves_own_proxy_answers_through_it_and_starts_no_haproxy(tmp_path):
     """`up --ingress serve`: Serve's default Python proxy takes every request (no HAProxy,
     no edge, no lane); a join and its position read answer on Serve's path."""
-    from cluster.launcher import _haproxy_base
+    from cluster.launcher import haproxy_base
 
     port = free_port()
     env = {"EVENTPULSE_DATA_DIR": str(tmp_path), "EVENTPULSE_PORT": str(port)}
-    base = _haproxy_base(tmp_path).name
+    base = haproxy_base(tmp_path).name
     try:
         out = run(["up", "--demo", "--ingress", "serve"], env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]

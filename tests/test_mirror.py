@@ -111,6 +111,42 @@ def test_the_mirror_answers_what_the_line_would(seed: int) -> None:
     assert answered > 150 and waiting > 50
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_the_hubs_views_of_its_listeners_are_what_the_line_would_say(seed: int) -> None:
+    """`views`, the SSE hub's read of all its listeners after each follower answer: every
+    entry it gives is the line's, ETA included; what it cannot give it leaves to the actor
+    (MISS), and the hub keeps the actor's answer for the next round."""
+    rng = random.Random(seed)
+    line = WaitingLine(LineConfig(
+        capacity={"general": rng.randint(4, 14)}, max_per_user=2, offer_seconds=4.0,
+        max_live_offers=rng.choice([1, 2, 3]), abandon_after_s=None,
+        sale_opens_at=T + 20 if seed % 3 == 0 else None))
+    actor, mirror = Actor(line), LineMirror()
+    users = [f"u{i}" for i in range(24)]
+    listeners = rng.sample(users, 16)
+    now, pushed, moved = T, 0, 0
+    mirror.update(*actor.changes(mirror.count, now))
+    for _ in range(400):
+        for _ in range(rng.randint(0, 4)):  # a few facts between the follower's answers
+            now += rng.uniform(0, 0.3)
+            step(actor, rng, users, now)
+        if rng.random() < 0.3:  # a position read meanwhile keeps its entry at another count
+            user = rng.choice(listeners)
+            got = mirror.read(user, 0)
+            if got is MISS:
+                mirror.keep(user, *actor.read(user, now))
+        mirror.update(*actor.changes(mirror.count, now))
+        for user, got in zip(listeners, mirror.views(listeners)):
+            if got is MISS:
+                mirror.keep(user, *actor.read(user, now))
+                continue
+            want = view_dict(line.view(user, now))
+            assert got == want, f"round {_}: {user}"
+            pushed += 1
+            moved += want is not None and want["position"] is not None
+    assert pushed > 2000 and moved > 500  # answered, waiting entries too
+
+
 def test_a_mirror_behind_the_journal_defers_to_the_actor() -> None:
     line = WaitingLine(LineConfig(capacity={"general": 1}, abandon_after_s=None))
     actor, mirror = Actor(line), LineMirror()

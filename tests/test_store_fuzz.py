@@ -8,7 +8,6 @@ never a silently wrong line.
 from __future__ import annotations
 
 import msgpack
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
