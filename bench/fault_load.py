@@ -152,11 +152,11 @@ async def check_invariants(redis, load: Load, capacity: int) -> dict[str, Any]:
     # line: wait for them, then read the entries and the line's counts while it is still.
     outcomes = await wait_for_purchases(redis, eid, list(load.accepted))
     queue = get_queue(eid)
-    for _ in range(100):
-        version = await queue.version.remote()
+    for _ in range(100):  # until no fact was applied meanwhile (`changes` says the count)
+        count = (await queue.changes.remote(-1, []))[1]
         views = [r[2] for r in await queue.read_many.remote(users)]
         stats = await queue.stats.remote()
-        if await queue.version.remote() == version:
+        if (await queue.changes.remote(-1, []))[1] == count:
             break
         await asyncio.sleep(0.1)
     lost_joins = [u for u, v in zip(users, views) if v is None]

@@ -33,7 +33,7 @@ async def scenario(cluster, worker) -> dict:
         q = get_queue(doc["id"])
         for i in range(0, len(users), 50):
             await q.join_many.remote([(u, 1, None, None) for u in users[i:i + 50]])
-        lines[doc["id"]] = await q.view_many.remote(users, False)
+        lines[doc["id"]] = [r[2] for r in await q.read_many.remote(users)]
     placed = {eid: _actor_node(eid) for eid in lines}
     on_worker = [eid for eid, node in placed.items() if node == worker.node_id]
     lost_at = time.monotonic()
@@ -43,7 +43,8 @@ async def scenario(cluster, worker) -> dict:
         after = None
         while time.monotonic() - lost_at < 120:
             try:
-                after = await asyncio.wait_for(get_queue(eid).view_many.remote(users, False), 30)
+                read = await asyncio.wait_for(get_queue(eid).read_many.remote(users), 30)
+                after = [r[2] for r in read]
                 break
             except (ray.exceptions.RayError, asyncio.TimeoutError):
                 await asyncio.sleep(0.5)

@@ -260,13 +260,16 @@ def side_checks(base: Path) -> list[dict[str, int | str]]:
 
     seen = []
     for path in sorted(base.glob("*/admin.sock")):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b"show stat\n")
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
+        out = b""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                s.sendall(b"show stat\n")
+                while chunk := s.recv(65536):
+                    out += chunk
+        except OSError:  # that node's HAProxy has stopped (its node has no proxy any more)
+            continue
         rows = csv.DictReader(out.decode().lstrip("# ").splitlines())
         for row in rows:
             if row["pxname"] == "ep_side" and row["svname"] == "side":

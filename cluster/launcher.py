@@ -256,7 +256,9 @@ def start_ray(env: dict[str, str], gcs_port: int) -> None:
 
 def stop_ray(gcs_port: int, timeout: float = 20) -> int:
     """Stop the processes of *our* Ray instance only (not `ray stop`, which stops every
-    Ray on the machine): those naming our GCS address, and their children."""
+    Ray on the machine): those naming our GCS address, and their children. Swept again
+    until none is left: a raylet that is being stopped can still start a worker (to
+    restart an actor), which the first sweep did not see."""
     import psutil
 
     def ours(cmdline: list[str]) -> bool:
@@ -264,27 +266,33 @@ def stop_ray(gcs_port: int, timeout: float = 20) -> int:
                    or (t.startswith(("--gcs-address=", "--gcs_address=", "--address="))
                        and t.endswith(f":{gcs_port}")) for t in cmdline)
 
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if p.pid != os.getpid() and ours(p.info.get("cmdline") or [])]
-    victims = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            victims.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    procs = list(victims.values())
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return len(procs)
+    stopped = 0
+    for _ in range(5):
+        roots = [p for p in psutil.process_iter(["cmdline"])
+                 if p.pid != os.getpid() and ours(p.info.get("cmdline") or [])]
+        if not roots:
+            break
+        victims = {p.pid: p for p in roots}
+        for p in roots:
+            try:
+                victims.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+        procs = list(victims.values())
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        stopped += len(procs)
+    return stopped
 
 
 def haproxy_base(data_dir: Path) -> Path:
