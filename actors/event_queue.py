@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Callers wait this long for their facts to reach Redis before being told to retry; the
 # facts stay queued and are written once Redis is back, so a retry finds them.
 DURABLE_WAIT_S = 5.0
-MANY = ("join_many", "read_many")  # what `EventQueue.many` carries, in its order
+MANY = ("join_many", "read_many", "view_many")  # what `EventQueue.many` carries, in its order
 METRICS_EVERY_S = 5.0
 
 
@@ -311,7 +311,7 @@ class EventQueue:
         """A replica's coalesced joins and entry reads of this line in one call
         (`serve.batching`): each item is (method, argument) for one of `MANY`, answered as
         that method answers it (`by_kind`). Ray's own work for a call is most of a small
-        call's cost here, and a sale sends the three together: a call for each cost three.
+        call's cost here, and a sale sends joins and reads together: one call for all.
         A kind that fails with a domain error answers its own items with it."""
         async def run(method: str, arguments: list[Any]) -> list[Any]:
             try:
@@ -335,6 +335,12 @@ class EventQueue:
             lane, slot = line.place(user) or (0, -1)
             out.append((feed, count, view_dict(view), lane, slot))
         return out
+
+    async def view_many(self, users: list[str]) -> list[dict[str, Any] | None]:
+        """`read_many`'s views alone: what replicas of the release before send in `many`
+        with their joins, kept so that a rolling deploy which meets an actor already on
+        this release does not fail their batches. Nothing of this release calls it."""
+        return [r[2] for r in await self.read_many(users)]
 
     async def changes(self, seen: int, touched: list[str]
                       ) -> tuple[str, int, float | None, list[Change] | None]:

@@ -253,30 +253,42 @@ def side_port() -> int:
 
 def side_checks(base: Path) -> list[dict[str, int | str]]:
     """What each HAProxy under `base` (one per node, `cluster.launcher.haproxy_env`) says of
-    the side server: its status, failed checks, falls to DOWN and seconds down, read from
-    the admin socket's `show stat`."""
+    the side server, read from the admin socket: the process (`show info`: a reload starts
+    a new one, with its counts at zero), the side server's status, failed checks, falls to
+    DOWN and seconds down, and the requests it and Serve's path were sent (`show stat`)."""
     import csv
-    import socket
 
     seen = []
     for path in sorted(base.glob("*/admin.sock")):
-        out = b""
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(5)
-                s.connect(str(path))
-                s.sendall(b"show stat\n")
-                while chunk := s.recv(65536):
-                    out += chunk
+            info, stat = _ask(path, b"show info\n"), _ask(path, b"show stat\n")
         except OSError:  # that node's HAProxy has stopped (its node has no proxy any more)
             continue
-        rows = csv.DictReader(out.decode().lstrip("# ").splitlines())
-        for row in rows:
+        pid = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                    if line.startswith("Pid:")), "")
+        node: dict[str, int | str] = {"pid": pid, "serve_requests": 0}
+        for row in csv.DictReader(stat.lstrip("# ").splitlines()):
             if row["pxname"] == "ep_side" and row["svname"] == "side":
-                seen.append({"status": row["status"], "failed_checks": int(row["chkfail"] or 0),
-                             "went_down": int(row["chkdown"] or 0),
-                             "down_s": int(row["downtime"] or 0)})
+                node.update(status=row["status"], failed_checks=int(row["chkfail"] or 0),
+                            went_down=int(row["chkdown"] or 0), down_s=int(row["downtime"] or 0),
+                            side_requests=int(row["stot"] or 0))
+            elif row["pxname"].startswith("http-") and row["svname"] == "BACKEND":
+                node["serve_requests"] = int(node["serve_requests"]) + int(row["stot"] or 0)
+        seen.append(node)
     return seen
+
+
+def _ask(path: Path, command: bytes) -> str:
+    import socket
+
+    out = b""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(command)
+        while chunk := s.recv(65536):
+            out += chunk
+    return out.decode()
 
 
 def main(argv: list[str]) -> None:

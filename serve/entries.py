@@ -37,7 +37,8 @@ class Entries:
         mirror = self.mirrors.get(event_id)
         if mirror is None:
             mirror = self.mirrors[event_id] = LineMirror()
-            asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
+        if mirror.task is None or mirror.task.done():
+            mirror.task = asyncio.get_running_loop().create_task(self._follow(event_id, mirror))
         return mirror
 
     async def read(self, event_id: str, user_id: str, mirrored: bool = True
@@ -85,15 +86,15 @@ class Entries:
                    or time.monotonic() - mirror.read_at < IDLE_S):
                 touched, mirror.touched = list(mirror.touched), set()
                 waiting, mirror.waiting = mirror.waiting, []  # this call is after their reads
-                waiting += mirror.watching
-                mirror.watching = []
                 try:
                     mirror.update(*await direct(event_id, "changes", mirror.count, touched))
                     ok = True
                 except Exception as e:  # noqa: BLE001 — reads go to the actor meanwhile
                     log.debug("event %s: following the line failed: %s", event_id, e)
                     ok = False
-                LineMirror.wake(waiting, ok)
+                # the hub waits for any call's end, this one's too (`next_update`)
+                watching, mirror.watching = mirror.watching, []
+                LineMirror.wake(waiting + watching, ok)
                 await asyncio.sleep(POLL_S if ok else 0.5)
                 if not mirror.waiting:  # nobody waits: ask again when one does, or in a while
                     mirror.wanted.clear()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,8 @@ class LineMirror:
         self.waiting: list[asyncio.Future] = []  # readers waiting for the follower's next answer
         self.watching: list[asyncio.Future] = []  # the SSE hub, waiting for it without hurry
         self.listeners = 0       # streams listening here (the hub): the follower keeps on
+        self.answers = 0         # the actor's answers to the follower so far
+        self.task: asyncio.Task | None = None  # the follower (`serve.entries`)
         self.wanted = asyncio.Event()  # a reader waits: the follower asks as soon as it may
         self._anew = 0           # the mirror knows every change after this count
         self._from = 0           # the moves kept are every move after this count
@@ -80,14 +83,13 @@ class LineMirror:
         except TimeoutError:
             return False
 
-    async def next_update(self) -> bool:
-        """Wait for the follower's next answer, at its own pace; False if it failed."""
+    async def next_update(self, timeout: float) -> None:
+        """Wait until the follower's call in flight, or its next, has ended (or `timeout`):
+        the SSE hub, at the follower's own pace. `answers` says whether one was answered."""
         fut = asyncio.get_running_loop().create_future()
         self.watching.append(fut)
-        try:
-            return await asyncio.wait_for(fut, FRESH_S)
-        except TimeoutError:
-            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, timeout)
 
     @staticmethod
     def wake(waiting: list[asyncio.Future], ok: bool) -> None:
@@ -120,12 +122,14 @@ class LineMirror:
         self.count = count
         self.rate = rate
         self.answered = time.monotonic()
+        self.answers += 1
 
     def keep(self, user: str, feed: str, count: int, view: dict[str, Any] | None, lane: int,
              slot: int) -> None:
         """An entry as the actor read it, exact at fact count `count` of `feed`."""
-        if feed == self.feed and count >= self._anew:
-            self._kept[user] = [count, view, lane, slot]
+        kept = self._kept.get(user)
+        if feed == self.feed and count >= self._anew and (kept is None or count >= kept[0]):
+            self._kept[user] = [count, view, lane, slot]  # never an older read over a newer
 
     def holds(self, user: str) -> bool:
         """Whether the user's entry is kept and no change of its own has been seen since."""
@@ -158,8 +162,12 @@ class LineMirror:
                 out.append(self.read(user, 0))  # MISS, and forgotten if its own entry changed
                 continue
             count, view, lane, slot = kept
-            if view is None or view["position"] is None or count >= now_count:
-                out.append(self.read(user, 0))
+            if view is None or view["position"] is None:  # only its own change changes it
+                out.append(view)
+                continue
+            if count >= now_count:  # nothing since
+                position = view["position"]
+                out.append({**view, "eta_seconds": position / rate if rate else None})
                 continue
             if count != since or not batched:
                 out.append(self.read(user, 0))  # kept at another count: its own scan

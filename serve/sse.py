@@ -86,39 +86,32 @@ class Hub:
         """After each answer of the line's follower that moved the line (or brought new
         listeners, or `FULL_S` after the last round: an ETA follows the clock), every
         listener's entry from the mirror, the ones it cannot give from the actor in one
-        call; push what is news."""
-        seen, full_at, beat = -1, 0.0, 1
+        call; push what is news. Heartbeats and the listeners' being seen go on while the
+        actor does not answer."""
+        handled, seen, full_at, touched_at, beat = -1, None, 0.0, 0.0, 1
         mirror = None
         try:
             while self._listeners.get(event_id):
                 listeners, last = self._listeners[event_id], self._last.setdefault(event_id, {})
                 mirror = self.entries.follow(event_id)  # anew if the follower stopped
                 mirror.listeners = len(listeners)
-                ok = await mirror.next_update()
+                if mirror.answers == handled or not mirror.fresh():
+                    await mirror.next_update(FULL_S)  # the follower's next call, whatever it took
                 users = list(listeners)
                 now = time.monotonic()
-                fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
-                if not ok:  # the actor restarts: try again after the follower's next call
-                    self._fresh.setdefault(event_id, set()).update(fresh)
-                    continue
-                if mirror.count != seen or fresh or now - full_at >= FULL_S:
-                    if now - full_at >= FULL_S:
-                        mirror.touched.update(users)  # a listener is seen, as a reader is
-                        full_at = now
-                    seen = mirror.count
-                    try:
-                        views = await self._views(event_id, mirror, users)
-                    except Exception as e:  # noqa: BLE001 — the actor restarts: try again
-                        log.info("sse read of %s failed: %s", event_id, e)
-                        seen = -1
-                        continue
-                    for user, view in zip(users, views):
-                        if worth_pushing(last.get(user), view):
-                            last[user] = view
-                            for sink in list(listeners.get(user, ())):
-                                sink.deliver(view)
-                    for gone in set(last) - set(users):
-                        last.pop(gone, None)
+                if now - touched_at >= FULL_S:
+                    mirror.touched.update(users)  # a listener is seen, as a reader is
+                    touched_at = now
+                if mirror.answers != handled and mirror.fresh():
+                    handled = mirror.answers
+                    fresh = [u for u in self._fresh.pop(event_id, ()) if u in listeners]
+                    if (mirror.feed, mirror.count) != seen or fresh or now - full_at >= FULL_S:
+                        seen, full_at = (mirror.feed, mirror.count), now
+                        try:
+                            await self._round(event_id, mirror, users, listeners, last)
+                        except Exception as e:  # noqa: BLE001 — the actor restarts: again
+                            log.info("sse round of %s failed: %s", event_id, e)
+                            seen = None
                 # Heartbeats go to one slice of the listeners each round, so every stream
                 # gets one about every HEARTBEAT_S and thousands never all come at once.
                 slices = max(1, round(HEARTBEAT_S / LISTENED_S))
@@ -127,11 +120,24 @@ class Hub:
                         sink.deliver(HEARTBEAT)
                 beat += 1
         finally:
-            if mirror is not None:
+            if mirror is not None and not self._listeners.get(event_id):
                 mirror.listeners = 0
-            self._listeners.pop(event_id, None)
-            self._last.pop(event_id, None)
-            self._tasks.pop(event_id, None)
+            if self._tasks.get(event_id) is asyncio.current_task():
+                del self._tasks[event_id]
+            if not self._listeners.get(event_id):  # else the next subscribe starts anew
+                self._listeners.pop(event_id, None)
+                self._last.pop(event_id, None)
+
+    async def _round(self, event_id: str, mirror: LineMirror, users: list[str],
+                     listeners: dict[str, set[Any]], last: dict[str, Any]) -> None:
+        views = await self._views(event_id, mirror, users)
+        for user, view in zip(users, views):
+            if worth_pushing(last.get(user), view):
+                last[user] = view
+                for sink in list(listeners.get(user, ())):
+                    sink.deliver(view)
+        for gone in set(last) - set(users):
+            last.pop(gone, None)
 
     async def _views(self, event_id: str, mirror: LineMirror, users: list[str]) -> list[Any]:
         """The users' entries now: from the mirror, and those it cannot give (new listeners,
@@ -140,6 +146,8 @@ class Hub:
         missed = [i for i, v in enumerate(views) if v is MISS]
         if missed:
             _, read = await self.entries.read_many(event_id, [users[i] for i in missed])
+            if len(read) != len(missed):
+                raise RuntimeError(f"read {len(read)} entries of {len(missed)}")
             for i, view in zip(missed, read):
                 views[i] = view
         return views

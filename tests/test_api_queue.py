@@ -260,7 +260,7 @@ def new_hub():
     from serve.entries import Entries
 
     async def no_key(name: str) -> None:
-        return None  # nothing is durable: the mirror never answers, the hub reads the actor
+        return None  # the journal's durable count: none here
 
     return sse.Hub(Entries(Coalescer(0.002), no_key, True))
 

@@ -25,7 +25,7 @@ def probe(ray_tmpdir: Path, *args: str) -> dict:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_replicas_rise_under_lane_load_and_fall_after_it(ray_tmpdir):
+def test_replicas_rise_under_side_server_load_and_fall_after_it(ray_tmpdir):
     seen = probe(ray_tmpdir)  # the policy configs/serve.yaml ships (serve/autoscaling.py)
     # the load is the user's tickets, which HAProxy sends to the replicas' side server; while the
     # replicas come up HAProxy reloads, and a few requests go through Serve meanwhile
@@ -37,11 +37,12 @@ def test_replicas_rise_under_lane_load_and_fall_after_it(ray_tmpdir):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_serves_own_policy_does_not_see_the_lane(ray_tmpdir):
+def test_serves_own_policy_does_not_see_the_side_server(ray_tmpdir):
     """The control for the test above: the same load under Serve's default policy, which
     counts only the requests on Serve's own path, leaves one replica to carry it."""
     seen = probe(ray_tmpdir, "--default-policy")
-    # the premise: HAProxy kept the side server up, so the load stayed off Serve's path
-    assert seen["side_went_down"] == 0, seen["side_checks"]
-    assert seen["requests"] > 0 and seen["side_requests"] >= 0.99 * seen["requests"], seen
-    assert seen["max_running"] == 1, seen
+    # on failure, what HAProxy said each second: its process (a reload starts a new one) and
+    # the requests it sent to the side server and to Serve's path
+    haproxy = [(s["t"], s["haproxy"]) for s in seen["timeline"] if "haproxy" in s]
+    assert seen["requests"] > 0 and seen["side_requests"] >= 0.99 * seen["requests"], haproxy
+    assert seen["max_running"] == 1, (seen["timeline"], haproxy)

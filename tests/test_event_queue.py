@@ -62,7 +62,7 @@ async def views(q, users: list[str]) -> list:
 
 
 async def test_one_call_carries_joins_and_reads_each_answered_as_its_own_method(redis, queue_of):
-    """`many`: what a replica coalesced for the line, of three kinds, in one actor call."""
+    """`many`: what a replica coalesced for the line, of two kinds, in one actor call."""
     eid = await new_event(redis, total=1)
     q = queue_of(eid)
     first, second = unique(), unique()
