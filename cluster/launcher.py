@@ -279,20 +279,27 @@ def stop_ray(gcs_port: int, timeout: float = 20) -> int:
             except psutil.NoSuchProcess:
                 pass
         procs = list(victims.values())
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        stop_processes(procs, timeout)
         stopped += len(procs)
     return stopped
+
+
+def stop_processes(procs: list, grace: float) -> None:
+    """SIGTERM `procs` (psutil processes), then SIGKILL those still running after `grace` s."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def haproxy_base(data_dir: Path) -> Path:
@@ -335,12 +342,7 @@ def stop_haproxy(data_dir: Path) -> int:
     procs = [p for p in psutil.process_iter(["cmdline"])
              if "haproxy" in " ".join(p.info.get("cmdline") or ())
              and marker in " ".join(p.info.get("cmdline") or ())]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=5)
+    stop_processes(procs, 0)  # nothing of theirs to finish: the instance is going
     shutil.rmtree(base, ignore_errors=True)
     return len(procs)
 

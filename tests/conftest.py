@@ -160,18 +160,11 @@ def ray_tmpdir() -> Iterator[Path]:
     finally:
         import psutil
 
-        left = [p for p in psutil.process_iter(["cmdline"])
-                if p.pid != os.getpid() and str(root) in " ".join(p.info["cmdline"] or ())]
-        for p in left:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        for p in psutil.wait_procs(left, timeout=15)[1]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        from cluster.launcher import stop_processes
+
+        stop_processes([p for p in psutil.process_iter(["cmdline"])
+                        if p.pid != os.getpid() and str(root) in " ".join(p.info["cmdline"] or ())],
+                       15)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -72,15 +72,20 @@ def without_eta(view: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if view is None else {k: v for k, v in view.items() if k != "eta_seconds"}
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_the_mirror_answers_what_the_line_would(seed: int) -> None:
+def random_sale(seed: int) -> tuple[random.Random, WaitingLine, Actor, LineMirror, list[str]]:
+    """A line of random capacity and offers (its sale open, or opening at T + 20), its
+    actor, an empty mirror, and 24 users."""
     rng = random.Random(seed)
     line = WaitingLine(LineConfig(
         capacity={"general": rng.randint(4, 14)}, max_per_user=2, offer_seconds=4.0,
         max_live_offers=rng.choice([1, 2, 3]), abandon_after_s=None,
         sale_opens_at=T + 20 if seed % 3 == 0 else None))
-    actor, mirror = Actor(line), LineMirror()
-    users = [f"u{i}" for i in range(24)]
+    return rng, line, Actor(line), LineMirror(), [f"u{i}" for i in range(24)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_mirror_answers_what_the_line_would(seed: int) -> None:
+    rng, line, actor, mirror, users = random_sale(seed)
     now, answered, waiting = T, 0, 0
     mirror.update(*actor.changes(mirror.count, now))
     for _ in range(700):
@@ -116,13 +121,7 @@ def test_the_hubs_views_of_its_listeners_are_what_the_line_would_say(seed: int) 
     """`views`, the SSE hub's read of all its listeners after each follower answer: every
     entry it gives is the line's, ETA included; what it cannot give it leaves to the actor
     (MISS), and the hub keeps the actor's answer for the next round."""
-    rng = random.Random(seed)
-    line = WaitingLine(LineConfig(
-        capacity={"general": rng.randint(4, 14)}, max_per_user=2, offer_seconds=4.0,
-        max_live_offers=rng.choice([1, 2, 3]), abandon_after_s=None,
-        sale_opens_at=T + 20 if seed % 3 == 0 else None))
-    actor, mirror = Actor(line), LineMirror()
-    users = [f"u{i}" for i in range(24)]
+    rng, line, actor, mirror, users = random_sale(seed)
     listeners = rng.sample(users, 16)
     now, pushed, moved, given, by_read = T, 0, 0, 0, 0
     plain = mirror.read
