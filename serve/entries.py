@@ -68,16 +68,15 @@ class Entries:
         return view
 
     async def read_many(self, event_id: str, users: Sequence[str]
-                        ) -> tuple[int, list[dict[str, Any] | None]]:
+                        ) -> list[dict[str, Any] | None]:
         """Many users' entries in one actor call (the SSE hub's listeners), kept in the
-        mirror; and the fact count they are exact at."""
+        mirror."""
         read = await direct(event_id, "read_many", list(users))
         mirror = self.mirrors.get(event_id) if self.mirrored else None
-        count = -1
-        for user, (feed, count, view, lane, slot) in zip(users, read):
-            if mirror is not None:
-                mirror.keep(user, feed, count, view, lane, slot)
-        return count, [r[2] for r in read]
+        if mirror is not None:
+            for user, entry in zip(users, read):
+                mirror.keep(user, *entry)
+        return [entry[2] for entry in read]
 
     async def _follow(self, event_id: str, mirror: LineMirror) -> None:
         """Keep the event's mirror up to date while its entries are read or listened to here."""

@@ -154,7 +154,7 @@ class LineMirror:
             places = [(ln, sl) for ln, sl, _ in recent]
             for _, _, delta in recent:
                 sums.append(sums[-1] + delta)
-        rate, now_count = self.rate, self.count
+        now_count = self.count
         out: list[Any] = []
         for user in users:
             kept = kept_all.get(user)
@@ -167,7 +167,7 @@ class LineMirror:
                 continue
             if count >= now_count:  # nothing since
                 position = view["position"]
-                out.append({**view, "eta_seconds": position / rate if rate else None})
+                out.append(self._timed(view, position))
                 continue
             if count != since or not batched:
                 out.append(self.read(user, 0))  # kept at another count: its own scan
@@ -176,7 +176,7 @@ class LineMirror:
             if position != view["position"]:
                 view = {**view, "position": position}
             kept[0], kept[1] = now_count, view
-            out.append({**view, "eta_seconds": position / rate if rate else None})
+            out.append(self._timed(view, position))
         return out
 
     def read(self, user: str, durable: int) -> Any:
@@ -210,5 +210,9 @@ class LineMirror:
             view = {**view, "position": position}
         if count < self.count:  # what was applied need not be applied again
             kept[0], kept[1] = self.count, view
+        return self._timed(view, position)
+
+    def _timed(self, view: dict[str, Any], position: int) -> dict[str, Any]:
+        """`view` with its ETA: the position over the outflow the actor reported last."""
         rate = self.rate
         return {**view, "eta_seconds": position / rate if rate else None}

@@ -6,12 +6,12 @@ anyone listens) and, when the line moved, new listeners came or `FULL_S` passed,
 every listener's entry from the line's mirror (`LineMirror.views`: one pass over the
 moves for all of them), and from the actor, in one call, only those the mirror cannot
 give (a new listener, an entry its own user changed). It pushes only the entries that
-changed in a way a waiting person cares about
-(status, position or offer, or an ETA that moved by more than `ETA_STEP`), writing them
-to the connections itself (`Writer`), on Serve's path (`EntryStream`) and on the side
-server's alike. So 8,000 open streams cost the follower's few small calls a second and a read of the
-entries that changed themselves, not tens of thousands of reads, and a line that moves all
-the time does not send everyone a new ETA at every round.
+changed in a way a waiting person cares about (status, position or offer, or an ETA that
+moved by more than `ETA_STEP`), writing them to the connections itself (`Writer`), on
+Serve's path (`EntryStream`) and on the side server's alike. So 8,000 open streams cost
+the follower's few small calls a second and a read of the entries that changed
+themselves, not tens of thousands of reads, and a line that moves all the time does not
+send everyone a new ETA at every round.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ class Hub:
                         sink.deliver(HEARTBEAT)
                 beat += 1
         finally:
-            if mirror is not None and not self._listeners.get(event_id):
-                mirror.listeners = 0
             if self._tasks.get(event_id) is asyncio.current_task():
                 del self._tasks[event_id]
             if not self._listeners.get(event_id):  # else the next subscribe starts anew
+                if mirror is not None:
+                    mirror.listeners = 0
                 self._listeners.pop(event_id, None)
                 self._last.pop(event_id, None)
 
@@ -145,7 +145,7 @@ class Hub:
         views = mirror.views(users)
         missed = [i for i, v in enumerate(views) if v is MISS]
         if missed:
-            _, read = await self.entries.read_many(event_id, [users[i] for i in missed])
+            read = await self.entries.read_many(event_id, [users[i] for i in missed])
             if len(read) != len(missed):
                 raise RuntimeError(f"read {len(read)} entries of {len(missed)}")
             for i, view in zip(missed, read):

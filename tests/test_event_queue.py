@@ -144,13 +144,13 @@ async def test_killed_actor_recovers_every_acknowledged_join_in_order(redis, que
     deadline = time.monotonic() + 30
     while len(acknowledged) < 500 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    before = [r[2] for r in await q.read_many.remote(list(acknowledged))]
+    before = await views(q, list(acknowledged))
     ray.kill(q, no_restart=False)
     await asyncio.sleep(1.0)
     stop.set()
     await task
     before_users = [v["user_id"] for v in before]
-    after = [r[2] for r in await q.read_many.remote(before_users)]
+    after = await views(q, before_users)
     assert len(before_users) > 100
     assert all(v is not None for v in after), "an acknowledged join was lost"
     # Offers (and their absolute expiries) survived; waiting order is the join order.

@@ -124,7 +124,8 @@ async def stream(event_id: str, p: User):
     A reconnecting client gets the current state first, so no change is missed.
     """
     first = await my_entry(event_id, p.user_id)
-    return EntryStream(get_runtime().hub, event_id, p.user_id, EntryEvents(first, lambda v: shaped(event_id, v)))
+    events = EntryEvents(first, lambda v: shaped(event_id, v))
+    return EntryStream(get_runtime().hub, event_id, p.user_id, events)
 
 
 @router.delete("/api/events/{event_id}/queue/me", response_model=Entry)
